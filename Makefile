@@ -1,0 +1,32 @@
+# Two commands: `make demo` and `make test`. Both create (or reuse) .venv in the checkout.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# On a machine without an NVIDIA GPU take the CPU build of torch, never a CUDA one.
+TORCH_CPU := torch==2.13.0
+STAMP := $(VENV)/.tessera-installed
+
+.PHONY: demo test install clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+	  echo "NVIDIA GPU found: installing torch from the index (CUDA build)"; \
+	  $(PY) -m pip install -q --no-compile torch; \
+	else \
+	  $(PY) -m pip install -q --no-compile $(TORCH_CPU); \
+	fi
+	$(PY) -m pip install -q --no-compile -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/tessera generate --nproc 2 --height 512 --width 512 --steps 20 \
+	  --out outputs/demo.png --report outputs/demo.json --compare-serial
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) outputs

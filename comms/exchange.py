@@ -1,0 +1,220 @@
+"""Stale exchange: post a fresh tensor now, read what the peers posted one step ago.
+
+A layer owns a *slot* (a name). Every step it calls the slot with its fresh tensor and a
+flag saying whether this step is synchronous:
+
+- sync: the exchange runs now and blocks; the caller gets the peers' fresh tensors. The
+  result is also kept as the stale view for the next step, so the last synchronous step
+  "posts" what the first stale step reads at no extra cost.
+- stale: the caller gets the result of the *previous* step's exchange (waiting on its
+  handle only now, one step after it was issued), and this step's tensor is posted
+  asynchronously for the next step to read.
+
+Two shapes of exchange exist: an all-gather among the members (uneven sizes are padded
+on the wire and never seen by the caller) and a neighbour exchange with the previous and
+next member by point-to-point. Small all-gathers can be coalesced: their stale posts are
+staged and sent as one collective when the step ends (`flush`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from comms.stats import CommStats, nbytes
+
+
+@dataclass
+class _Pending:
+    works: list
+    build: Callable[[], object]
+    posted_step: int
+    keep_alive: tuple  # send buffers must outlive the asynchronous operation
+
+
+class _Slot:
+    def __init__(self, name: str, tag: int):
+        self.name = name
+        self.tag = tag
+        self.pending: _Pending | None = None
+        self.ready = None  # result of the last completed exchange
+
+    @property
+    def has_view(self) -> bool:
+        return self.pending is not None or self.ready is not None
+
+
+class StaleExchange:
+    """Exchanges among the members of one process group (e.g. the ranks sharing a latent)."""
+
+    def __init__(self, group, ranks: Sequence[int], rank: int, stats: CommStats):
+        self.group = group
+        self.ranks = list(ranks)
+        self.index = self.ranks.index(rank)
+        self.size = len(self.ranks)
+        self.stats = stats
+        self._slots: dict[str, _Slot] = {}
+        self._bucket: list = []  # (slot, padded flat tensor, shapes) staged for flush()
+
+    # -- bookkeeping -------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget every stale view (a new request starts with synchronous steps)."""
+        for slot in self._slots.values():
+            if slot.pending is not None:
+                self._wait(slot.pending)
+        self._slots = {}
+        self._bucket = []
+
+    def has_stale(self, name: str) -> bool:
+        slot = self._slots.get(name)
+        return slot is not None and slot.has_view
+
+    def _slot(self, name: str) -> _Slot:
+        slot = self._slots.get(name)
+        if slot is None:
+            # Registration order is the same on every member, so tags agree.
+            slot = self._slots[name] = _Slot(name, tag=len(self._slots) + 1)
+        return slot
+
+    def _wait(self, pending: _Pending):
+        with self.stats.waiting():
+            for work in pending.works:
+                work.wait()
+        return pending.build()
+
+    def _fetch(self, slot: _Slot):
+        if slot.pending is not None:
+            self.stats.event("wait", slot.name, slot.pending.posted_step)
+            slot.ready = self._wait(slot.pending)
+            slot.pending = None
+        return slot.ready
+
+    def _run(self, slot: _Slot, issue: Callable[[], _Pending], sync: bool):
+        if sync or not slot.has_view:
+            # Nothing stale to read yet (first step): exchange fresh and keep the result.
+            if slot.pending is not None:
+                self._fetch(slot)
+            pending = issue()
+            self.stats.event("sync", slot.name, pending.posted_step)
+            slot.ready = self._wait(pending)
+            return slot.ready
+        stale = self._fetch(slot)
+        slot.pending = issue()
+        self.stats.event("post", slot.name, slot.pending.posted_step)
+        return stale
+
+    # -- all-gather ----------------------------------------------------------------
+    def all_gather(
+        self,
+        name: str,
+        tensor: torch.Tensor,
+        shapes: Sequence[torch.Size],
+        sync: bool,
+        coalesce: bool = False,
+    ) -> list[torch.Tensor]:
+        """Every member's tensor, in member order; `shapes[j]` is member j's shape."""
+        shapes = [torch.Size(s) for s in shapes]
+        if tuple(tensor.shape) != tuple(shapes[self.index]):
+            raise ValueError(f"slot {name}: tensor {tuple(tensor.shape)} != declared {tuple(shapes[self.index])}")
+        slot = self._slot(name)
+        if coalesce and not sync and slot.has_view:
+            stale = self._fetch(slot)
+            self._bucket.append((slot, tensor.detach().reshape(-1).clone(), shapes))
+            self.stats.event("stage", slot.name, self.stats.step)
+            return stale
+        return self._run(slot, lambda: self._issue_all_gather([tensor], [shapes])[0], sync)
+
+    def _issue_all_gather(self, tensors: list[torch.Tensor], shapes_list: list[list[torch.Size]]):
+        """One all-gather carrying several tensors; returns one _Pending per tensor."""
+        widths = [max(s.numel() for s in shapes) for shapes in shapes_list]
+        total = sum(widths)
+        ref = tensors[0]
+        send = torch.zeros(total, dtype=ref.dtype, device=ref.device)
+        offset = 0
+        for t, w in zip(tensors, widths):
+            flat = t.detach().reshape(-1)
+            send[offset : offset + flat.numel()] = flat
+            offset += w
+        recv = torch.empty(self.size * total, dtype=ref.dtype, device=ref.device)
+        work = dist.all_gather_into_tensor(recv, send, group=self.group, async_op=True)
+        elem = ref.element_size()
+        mine = sum(shapes[self.index].numel() for shapes in shapes_list)
+        others = sum(s.numel() for shapes in shapes_list for j, s in enumerate(shapes) if j != self.index)
+        self.stats.record_op(mine * elem * (self.size - 1), others * elem)
+
+        pendings = []
+        offset = 0
+        rows = recv.view(self.size, total)
+        for shapes, w in zip(shapes_list, widths):
+            def build(off=offset, shapes=shapes):
+                return [rows[j, off : off + s.numel()].view(s) for j, s in enumerate(shapes)]
+
+            pendings.append(_Pending([work], build, self.stats.step, (send, recv)))
+            offset += w
+        return pendings
+
+    def flush(self) -> None:
+        """Send the staged (coalesced) stale posts of this step as one collective per dtype."""
+        by_dtype: dict = {}
+        for item in self._bucket:
+            by_dtype.setdefault(item[1].dtype, []).append(item)
+        self._bucket = []
+        for items in by_dtype.values():
+            pendings = self._issue_all_gather([t for _, t, _ in items], [s for _, _, s in items])
+            for (slot, _, _), pending in zip(items, pendings):
+                slot.pending = pending
+                self.stats.event("post", slot.name, pending.posted_step)
+
+    # -- neighbours ----------------------------------------------------------------
+    def neighbours(
+        self,
+        name: str,
+        like: torch.Tensor,
+        to_prev: torch.Tensor | None,
+        to_next: torch.Tensor | None,
+        from_prev_shape: torch.Size | None,
+        from_next_shape: torch.Size | None,
+        sync: bool,
+    ):
+        """Send to the previous/next member and receive theirs: (from_prev, from_next).
+
+        Shapes are agreed in advance by both sides (they follow from the band plan), so
+        the receive buffers need no handshake. Members at the ends pass None. Received
+        tensors take the dtype and device of `like`.
+        """
+        slot = self._slot(name)
+
+        def issue() -> _Pending:
+            ops, sent, received = [], 0, 0
+            ref = like
+            recv_prev = recv_next = None
+            send_prev = send_next = None
+            if self.index > 0:
+                peer = self.ranks[self.index - 1]
+                if from_prev_shape is not None and from_prev_shape.numel() > 0:
+                    recv_prev = torch.empty(from_prev_shape, dtype=ref.dtype, device=ref.device)
+                    ops.append(dist.P2POp(dist.irecv, recv_prev, peer, self.group, slot.tag))
+                    received += nbytes(recv_prev)
+                if to_prev is not None and to_prev.numel() > 0:
+                    send_prev = to_prev.detach().contiguous()
+                    ops.append(dist.P2POp(dist.isend, send_prev, peer, self.group, slot.tag))
+                    sent += nbytes(send_prev)
+            if self.index < self.size - 1:
+                peer = self.ranks[self.index + 1]
+                if to_next is not None and to_next.numel() > 0:
+                    send_next = to_next.detach().contiguous()
+                    ops.append(dist.P2POp(dist.isend, send_next, peer, self.group, slot.tag))
+                    sent += nbytes(send_next)
+                if from_next_shape is not None and from_next_shape.numel() > 0:
+                    recv_next = torch.empty(from_next_shape, dtype=ref.dtype, device=ref.device)
+                    ops.append(dist.P2POp(dist.irecv, recv_next, peer, self.group, slot.tag))
+                    received += nbytes(recv_next)
+            works = dist.batch_isend_irecv(ops) if ops else []
+            if ops:
+                self.stats.record_op(sent, received, ops=len(ops))
+            return _Pending(works, lambda: (recv_prev, recv_next), self.stats.step, (send_prev, send_next))
+
+        return self._run(slot, issue, sync)

@@ -1,0 +1,71 @@
+"""Fail fast: when one rank raises, every other rank stops within seconds, with the cause.
+
+Peers of a failed rank would otherwise sit inside a collective until its timeout. The
+failing rank writes its cause under a well-known key of the rendezvous store (hosted by
+the torchrun agent or by Tessera's local launcher, so it outlives any one rank); a daemon
+thread on every rank waits on that key and ends the process when it appears. The main
+thread never polls, so there is no cost on the hot path.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import threading
+
+import torch.distributed as dist
+
+FAILED_KEY = "tessera/failed"
+EXIT_CODE = 3
+
+
+def _client(addr: str, port: int, timeout_s: float):
+    return dist.TCPStore(
+        addr, port, is_master=False, timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False
+    )
+
+
+class FailureWatch:
+    def __init__(self, rank: int, addr: str, port: int):
+        self.rank = rank
+        self.addr = addr
+        self.port = port
+        self._thread = threading.Thread(target=self._watch, name="tessera-failure-watch", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        try:
+            store = _client(self.addr, self.port, timeout_s=30)
+            while True:
+                try:
+                    store.wait([FAILED_KEY], datetime.timedelta(hours=1))
+                    break
+                except dist.DistStoreError as err:  # timed out waiting: keep watching
+                    if "timeout" not in str(err).lower():
+                        return
+        except Exception:
+            return  # the store went away: the launcher handles ranks that vanish
+        try:
+            cause = store.get(FAILED_KEY).decode()
+        except Exception:
+            cause = "a peer rank failed"
+        if cause.startswith(f"rank {self.rank}:"):
+            return  # our own report; the main thread is already raising it
+        print(f"[tessera rank {self.rank}] stopping: {cause}", file=sys.stderr, flush=True)
+        os._exit(EXIT_CODE)
+
+    def report(self, exc: BaseException) -> None:
+        """Publish this rank's failure so every peer stops (best effort, never raises)."""
+        message = f"rank {self.rank}: {type(exc).__name__}: {exc}".splitlines()[0][:2000]
+        try:
+            _client(self.addr, self.port, timeout_s=5).set(FAILED_KEY, message)
+        except Exception:
+            pass
+
+
+def store_address() -> tuple[str, int] | None:
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not addr or not port:
+        return None
+    return addr, int(port)

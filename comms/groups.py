@@ -1,0 +1,118 @@
+"""Process groups and topology: the one place that creates torch.distributed groups.
+
+A rank's device is always its *local* device (LOCAL_RANK on CUDA), never cuda:{global
+rank}, so multi-node launches work. CUDA gets NCCL, CPU gets gloo; the rest of the code
+does not care which.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_TIMEOUT_S = 120.0
+
+
+def env_world() -> tuple[int, int, int] | None:
+    """(rank, world_size, local_rank) when launched by torchrun or a spawner, else None."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    rank = int(os.environ["RANK"])
+    world = int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    return rank, world, local_rank
+
+
+def local_device(local_rank: int, requested: str | torch.device | None = None) -> torch.device:
+    """The device this rank computes on: the requested one, else its local GPU, else CPU."""
+    if requested is not None:
+        device = torch.device(requested)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+@dataclass
+class Topology:
+    """Who this rank is and which groups it belongs to.
+
+    `world` spans every rank. With CFG split the world is cut into two halves
+    (`cfg_groups`): the first half denoises the unconditional batch, the second the
+    conditional one; patch parallelism then runs inside each half.
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    world: object = None  # the default process group (None = dist.group.WORLD)
+    cfg_groups: list = field(default_factory=list)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def patch_group(self, cfg_split: bool):
+        """(group, ranks) in which this rank shares a latent with its band neighbours."""
+        if not cfg_split:
+            return self.world, list(range(self.world_size))
+        half = self.world_size // 2
+        index = self.rank // half
+        return self.cfg_groups[index], list(range(index * half, (index + 1) * half))
+
+
+def init_distributed(
+    rank: int,
+    world_size: int,
+    local_rank: int,
+    device: str | torch.device | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    store=None,
+) -> Topology:
+    """Join the process group described by MASTER_ADDR/MASTER_PORT and build subgroups.
+
+    The timeout bounds every collective, so a vanished peer turns into an error instead
+    of a hang; failures raised by a peer are reported faster by `comms.failure`.
+    """
+    dev = local_device(local_rank, device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    topo = Topology(rank, world_size, local_rank, dev)
+    if world_size == 1:
+        return topo
+    if not dist.is_initialized():
+        kwargs = {"store": store} if store is not None else {}
+        if dev.type == "cuda":
+            kwargs["device_id"] = dev
+        dist.init_process_group(
+            backend=backend_for(dev),
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            **kwargs,
+        )
+    topo.world = dist.group.WORLD
+    if world_size % 2 == 0:
+        # new_group is collective over the whole world: every rank creates both halves.
+        half = world_size // 2
+        topo.cfg_groups = [
+            dist.new_group(list(range(0, half)), timeout=datetime.timedelta(seconds=timeout_s)),
+            dist.new_group(list(range(half, world_size)), timeout=datetime.timedelta(seconds=timeout_s)),
+        ]
+    return topo
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

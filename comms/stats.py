@@ -1,0 +1,84 @@
+"""Byte, operation and wait accounting, per rank and per denoising step.
+
+Bytes are payload bytes counted when an operation is issued, padding excluded. For an
+all-gather a rank *sends* its own payload to each of the other members and *receives*
+every other member's payload; for point-to-point the numbers are exact.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+
+@dataclass
+class StepStats:
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    collectives: int = 0
+    comm_wait_s: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "collectives": self.collectives,
+            "comm_wait_s": self.comm_wait_s,
+        }
+
+
+@dataclass
+class CommStats:
+    """Counters of one rank. `step` is set by the caller (the denoising loop)."""
+
+    step: int = 0
+    steps: dict = field(default_factory=dict)
+    trace_enabled: bool = False
+    trace: list = field(default_factory=list)
+
+    def _current(self) -> StepStats:
+        return self.steps.setdefault(self.step, StepStats())
+
+    def record_op(self, bytes_sent: int, bytes_received: int, ops: int = 1) -> None:
+        cur = self._current()
+        cur.bytes_sent += int(bytes_sent)
+        cur.bytes_received += int(bytes_received)
+        cur.collectives += ops
+
+    @contextmanager
+    def waiting(self):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._current().comm_wait_s += time.perf_counter() - start
+
+    def event(self, kind: str, slot: str, posted_step: int | None = None) -> None:
+        """Trace of posts and waits, used to prove that stale exchanges overlap steps."""
+        if self.trace_enabled:
+            self.trace.append(
+                {"event": kind, "slot": slot, "step": self.step, "posted_step": posted_step}
+            )
+
+    def reset(self, trace: bool = False) -> None:
+        self.step = 0
+        self.steps = {}
+        self.trace = []
+        self.trace_enabled = trace
+
+    def totals(self) -> StepStats:
+        out = StepStats()
+        for s in self.steps.values():
+            out.bytes_sent += s.bytes_sent
+            out.bytes_received += s.bytes_received
+            out.collectives += s.collectives
+            out.comm_wait_s += s.comm_wait_s
+        return out
+
+    def per_step(self) -> list[dict]:
+        return [dict(step=k, **v.as_dict()) for k, v in sorted(self.steps.items())]
+
+
+def nbytes(t) -> int:
+    return t.numel() * t.element_size()

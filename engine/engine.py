@@ -1,0 +1,200 @@
+"""Engine: the API users call.
+
+    engine = Engine.from_pretrained("tiny-sd", parallel=ParallelConfig(strategy="patch", world_size=2))
+    result = engine.generate("a red circle", height=512, width=512, seed=1)
+    result.images[0].save("out.png"); result.report
+
+Three ways to run, chosen from the environment and the world size:
+- under torchrun (RANK/WORLD_SIZE set): every rank calls the same code (SPMD); rank 0's
+  result holds the images, other ranks get an empty result;
+- `world_size=N` from one process: N local worker ranks are spawned and driven;
+- world size 1: plain serial diffusers in this process, the reference.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+from comms import groups
+from engine.models import check_model_spec
+from engine.request import build_request
+from parallel.config import ConfigError, ParallelConfig
+
+
+@dataclass
+class GenerateResult:
+    images: list = field(default_factory=list)  # PIL images (rank 0 / the caller)
+    latents: torch.Tensor | None = None  # final latents before decoding
+    report: dict = field(default_factory=dict)
+
+    @property
+    def image(self):
+        return self.images[0] if self.images else None
+
+    def save_report(self, path: str) -> str:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(_json_safe(self.report), f, indent=2)
+        return path
+
+
+def _json_safe(value):
+    """JSON has no infinity: an identical-to-serial PSNR is written as the string "inf"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+class _InProcess:
+    """Serial, or one rank of a torchrun job: the runtime lives in this process."""
+
+    def __init__(self, model, parallel: ParallelConfig, rank, world, local_rank, device, dtype):
+        from engine.runtime import RankRuntime
+
+        self.watch = None
+        if world > 1:
+            from comms.failure import FailureWatch, store_address
+
+            address = store_address()
+            if address:
+                self.watch = FailureWatch(rank, *address)
+        topo = groups.init_distributed(rank, world, local_rank, device, parallel.comm_timeout_s)
+        try:
+            self.runtime = RankRuntime(model, topo, dtype)
+        except BaseException as exc:
+            self._report(exc)
+            raise
+        self.info = self.runtime.info
+
+    def _report(self, exc):
+        if self.watch is not None:
+            self.watch.report(exc)
+
+    def run(self, request):
+        try:
+            return self.runtime.run(request)
+        except BaseException as exc:
+            self._report(exc)
+            raise
+
+    def close(self):
+        pass
+
+
+class Engine:
+    def __init__(self, model: str, parallel: ParallelConfig, backend, launch: str):
+        self.model = model
+        self.parallel = parallel
+        self._backend = backend
+        self.launch = launch  # "serial", "torchrun" or "local"
+        self.info = backend.info
+        self._spawn_args = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str = "tiny-sd",
+        parallel: ParallelConfig | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> "Engine":
+        """Load `model` (preset, local directory or hub id) on every rank of the world."""
+        check_model_spec(model)
+        env = groups.env_world()
+        if parallel is None:
+            world = env[1] if env else 1
+            parallel = ParallelConfig(strategy="patch" if world > 1 else "none", world_size=world)
+        parallel = parallel.validate()
+        if env is not None and env[1] > 1:
+            rank, world, local_rank = env
+            if parallel.world_size not in (None, world):
+                raise ConfigError(f"world_size={parallel.world_size} but torchrun started {world} ranks")
+            parallel = replace(parallel, world_size=world)
+            return cls(model, parallel, _InProcess(model, parallel, rank, world, local_rank, device, dtype), "torchrun")
+        world = parallel.world_size or 1
+        parallel = replace(parallel, world_size=world)
+        if world == 1:
+            return cls(model, parallel, _InProcess(model, parallel, 0, 1, 0, device, dtype), "serial")
+        from launch.local import LocalLauncher
+
+        engine = cls(model, parallel, LocalLauncher(model, parallel, world, device, dtype), "local")
+        engine._spawn_args = (model, parallel, world, device, dtype)
+        return engine
+
+    @property
+    def rank(self) -> int:
+        return self._backend.runtime.topo.rank if isinstance(self._backend, _InProcess) else 0
+
+    def generate(
+        self,
+        prompt,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 5.0,
+        seed: int = 0,
+        negative_prompt=None,
+        scheduler: str | None = None,
+        compare_serial: bool = False,
+        parallel: ParallelConfig | None = None,
+        progress: bool = True,
+    ) -> GenerateResult:
+        """Generate images for `prompt` (a string or a list). `parallel` may change the
+        strategy, warm-up, GroupNorm mode or CFG split for this request; not the world size."""
+        if parallel is not None:
+            if parallel.world_size not in (None, self.parallel.world_size):
+                raise ConfigError("a request cannot change the world size; make a new engine")
+            parallel = replace(parallel, world_size=self.parallel.world_size)
+        request = build_request(
+            self.info,
+            parallel or self.parallel,
+            prompt,
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            seed=seed,
+            negative_prompt=negative_prompt,
+            scheduler=scheduler,
+            compare_serial=compare_serial,
+            progress=progress,
+        )
+        output = self._backend.run(request)
+        if output.images is None:
+            return GenerateResult(report=output.report)
+        from PIL import Image
+
+        report = dict(output.report, launch=self.launch)
+        return GenerateResult(
+            images=[Image.fromarray(np.ascontiguousarray(img)) for img in output.images],
+            latents=torch.from_numpy(output.latents),
+            report=report,
+        )
+
+    def restart(self) -> None:
+        """Bring a failed local rank group back (a torchrun job restarts through torchrun)."""
+        if self._spawn_args is None:
+            raise RuntimeError("restart() applies to engines with locally spawned ranks")
+        from launch.local import LocalLauncher
+
+        self._backend.close()
+        self._backend = LocalLauncher(*self._spawn_args)
+
+    def close(self) -> None:
+        self._backend.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,125 @@
+"""GenerateRequest: one validated generation, resolved against the model and the world.
+
+Validation is pure (it depends only on the arguments, the model's facts and the world
+size), so every rank that runs it reaches the same verdict: bad input fails everywhere,
+before any collective, and never hangs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from engine.models import ModelInfo, resolve_scheduler
+from parallel.bands import BandPlan
+from parallel.config import ConfigError, ParallelConfig
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    prompt: tuple[str, ...]
+    negative_prompt: tuple[str, ...] | None
+    height: int
+    width: int
+    num_inference_steps: int
+    guidance_scale: float
+    seed: int
+    scheduler: str | None
+    parallel: ParallelConfig  # resolved: world_size set
+    cfg_split: bool
+    compare_serial: bool = False
+    progress: bool = True
+
+    @property
+    def uses_guidance(self) -> bool:
+        return self.guidance_scale > 1.0
+
+
+def _prompts(value, what: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(p, str) for p in value):
+        raise ConfigError(f"{what} must be a string or a non-empty list of strings")
+    return tuple(value)
+
+
+def _positive_int(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{what} must be a positive integer, got {value!r}")
+    return value
+
+
+def build_request(
+    info: ModelInfo,
+    parallel: ParallelConfig,
+    prompt,
+    height=None,
+    width=None,
+    num_inference_steps=20,
+    guidance_scale=5.0,
+    seed=0,
+    negative_prompt=None,
+    scheduler=None,
+    compare_serial=False,
+    progress=True,
+) -> GenerateRequest:
+    parallel = parallel.validate()
+    world = parallel.world_size or 1
+    prompts = _prompts(prompt, "prompt")
+    height = info.native_size if height is None else _positive_int(height, "height")
+    width = info.native_size if width is None else _positive_int(width, "width")
+    steps = _positive_int(num_inference_steps, "num_inference_steps")
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
+        raise ConfigError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
+    negatives = None
+    if negative_prompt is not None:
+        negatives = _prompts(negative_prompt, "negative_prompt")
+        if guidance_scale <= 1.0:
+            raise ConfigError("negative_prompt needs classifier-free guidance (guidance_scale > 1); it would be ignored")
+        if len(negatives) not in (1, len(prompts)):
+            raise ConfigError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        negatives = negatives * len(prompts) if len(negatives) == 1 else negatives
+    if scheduler is not None:
+        resolve_scheduler(scheduler)
+
+    vae = info.vae_scale_factor
+    for what, size in (("height", height), ("width", width)):
+        if size % vae:
+            raise ConfigError(f"{what} {size} is not a multiple of {vae} (the VAE's downsampling factor)")
+    patch = parallel.strategy in ("patch", "patch-sync")
+    if patch:
+        for what, size in (("height", height), ("width", width)):
+            if size % info.pixel_align:
+                raise ConfigError(
+                    f"{what} {size} is not a multiple of {info.pixel_align} (VAE factor {vae} x UNet "
+                    f"downsampling {info.align}), which patch parallelism needs"
+                )
+
+    guided = guidance_scale > 1.0
+    cfg_split = parallel.cfg_split
+    if cfg_split is True:
+        if not guided:
+            raise ConfigError("cfg_split needs classifier-free guidance (guidance_scale > 1)")
+        if world % 2:
+            raise ConfigError(f"cfg_split needs an even world size, got {world}")
+    elif cfg_split is None:
+        cfg_split = guided and world > 1 and world % 2 == 0
+    members = world // 2 if cfg_split else world
+    if patch:
+        BandPlan.split(height // vae, width // vae, members, info.align)  # raises on too many ranks
+    return GenerateRequest(
+        prompt=prompts,
+        negative_prompt=negatives,
+        height=height,
+        width=width,
+        num_inference_steps=steps,
+        guidance_scale=float(guidance_scale),
+        seed=seed,
+        scheduler=scheduler,
+        parallel=replace(parallel, world_size=world, cfg_split=cfg_split),
+        cfg_split=cfg_split,
+        compare_serial=bool(compare_serial),
+        progress=bool(progress),
+    )

@@ -1,0 +1,168 @@
+"""RankRuntime: one rank's model, parallel layers and the generate loop.
+
+The same object runs under every launcher: in the caller's process (serial, or one rank
+of a torchrun job) and in each worker process of the local launcher.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from comms import CommStats, Topology
+from comms.collectives import all_gather_object
+from engine.decode import decode_latents
+from engine.fidelity import compare
+from engine.models import ModelInfo, load_pipeline, resolve_scheduler
+from engine.request import GenerateRequest
+from parallel.context import PatchContext
+from parallel.registry import backbone_of
+
+
+@dataclass
+class RankOutput:
+    """What a rank hands back: images and latents on rank 0 only, the report everywhere."""
+
+    images: np.ndarray | None
+    latents: np.ndarray | None
+    report: dict
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # process peak RSS
+
+
+class RankRuntime:
+    def __init__(self, model: str, topo: Topology, dtype: torch.dtype | None = None):
+        self.model = model
+        self.topo = topo
+        self.pipe = load_pipeline(model, topo.device, dtype)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.stats = CommStats()
+        self.ctx = PatchContext(topo, self.stats)
+        backbone = backbone_of(self.pipe)
+        backbone.install(self.pipe, self.ctx)
+        self.info = ModelInfo(
+            name=model,
+            pipeline=type(self.pipe).__name__,
+            vae_scale_factor=self.pipe.vae_scale_factor,
+            align=backbone.align,
+            native_size=self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor,
+        )
+        self._scheduler_config = self.pipe.scheduler.config
+        self._default_scheduler = type(self.pipe.scheduler)
+        self._check_same_weights()
+
+    def _check_same_weights(self) -> None:
+        """Every rank must hold the same model, or patches silently disagree."""
+        if not self.topo.distributed:
+            return
+        with torch.no_grad():
+            fingerprint = float(sum(p.double().sum().item() for p in self.pipe.unet.parameters()))
+        prints = all_gather_object((self.model, fingerprint))
+        if len({round(f, 6) for _, f in prints}) != 1:
+            raise RuntimeError(f"ranks loaded different models: {prints}")
+
+    def _set_scheduler(self, name: str | None) -> str:
+        cls = resolve_scheduler(name) if name else self._default_scheduler
+        self.pipe.scheduler = cls.from_config(self._scheduler_config)
+        return cls.__name__
+
+    def _denoise(self, request: GenerateRequest) -> torch.Tensor:
+        generator = torch.Generator(device="cpu").manual_seed(request.seed)
+        out = self.pipe(
+            prompt=list(request.prompt),
+            negative_prompt=list(request.negative_prompt) if request.negative_prompt else None,
+            height=request.height,
+            width=request.width,
+            num_inference_steps=request.num_inference_steps,
+            guidance_scale=request.guidance_scale,
+            generator=generator,
+            output_type="latent",
+        )
+        return out.images
+
+    @torch.no_grad()
+    def run(self, request: GenerateRequest) -> RankOutput:
+        rank, device = self.topo.rank, self.topo.device
+        cfg = request.parallel
+        scheduler = self._set_scheduler(request.scheduler)
+        self.pipe.set_progress_bar_config(disable=not (request.progress and rank == 0), leave=False)
+        self.stats.reset(trace=cfg.trace_comms)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+        start = time.perf_counter()
+        if cfg.strategy == "none":
+            latents = self._denoise(request)
+        else:
+            vae = self.info.vae_scale_factor
+            self.ctx.begin_request(cfg, request.height // vae, request.width // vae, self.info.align, request.cfg_split)
+            try:
+                latents = self._denoise(request)
+            finally:
+                self.ctx.end_request()
+        denoise_s = time.perf_counter() - start
+        images = decode_latents(self.pipe, latents) if rank == 0 else None
+        latency_s = time.perf_counter() - start
+
+        totals = self.stats.totals()
+        part = {
+            "rank": rank,
+            "device": str(device),
+            "compute_s": max(0.0, denoise_s - totals.comm_wait_s),
+            "comm_wait_s": totals.comm_wait_s,
+            "bytes_sent": totals.bytes_sent,
+            "bytes_received": totals.bytes_received,
+            "collectives": totals.collectives,
+            "peak_mem_bytes": _peak_memory(device),
+            "per_step": self.stats.per_step(),
+        }
+        if cfg.trace_comms:
+            part["trace"] = list(self.stats.trace)
+        parts = all_gather_object(part) if self.topo.distributed else [part]
+
+        if rank != 0:
+            return RankOutput(None, None, {})
+        report = {
+            "model": self.model,
+            "pipeline": self.info.pipeline,
+            "strategy": cfg.strategy,
+            "world_size": self.topo.world_size,
+            "height": request.height,
+            "width": request.width,
+            "steps": request.num_inference_steps,
+            "guidance_scale": request.guidance_scale,
+            "seed": request.seed,
+            "scheduler": scheduler,
+            "warmup_steps": cfg.warmup_steps,
+            "gn_mode": cfg.gn_mode,
+            "cfg_split": request.cfg_split,
+            "device": str(device),
+            "dtype": str(self.pipe.unet.dtype).replace("torch.", ""),
+            "latency_s": latency_s,
+            "denoise_s": denoise_s,
+            "per_rank": parts,
+        }
+        latents_np = latents.float().cpu().numpy()
+        if request.compare_serial:
+            report["vs_serial"] = self._compare_serial(request, images, latents_np)
+        return RankOutput(images, latents_np, report)
+
+    def _compare_serial(self, request: GenerateRequest, images: np.ndarray, latents: np.ndarray) -> dict:
+        """Run the same request serially on this rank (parallel layers bypassed) and compare."""
+        self.pipe.set_progress_bar_config(disable=True)
+        self.ctx.enabled = False
+        start = time.perf_counter()
+        ref_latents = self._denoise(request)
+        serial_s = time.perf_counter() - start
+        ref_images = decode_latents(self.pipe, ref_latents)
+        metrics = compare(images, ref_images, latents, ref_latents.float().cpu().numpy())
+        metrics["serial_denoise_s"] = serial_s
+        return metrics

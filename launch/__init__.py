@@ -1,0 +1,1 @@
+"""How ranks come to exist: local spawn (`local`), torchrun (SPMD, in-process), the CLI."""

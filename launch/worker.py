@@ -1,0 +1,75 @@
+"""The body of one rank: join the group, load the model, serve requests.
+
+Used by the local launcher's worker processes; a torchrun process runs the same
+`RankRuntime` in-process instead.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+
+
+class RankFailedError(RuntimeError):
+    """A rank raised or died; the message names the rank and the cause."""
+
+    def __init__(self, message: str, details: str = ""):
+        super().__init__(message)
+        self.details = details  # the failing rank's traceback, when it sent one
+
+
+def configure_threads(threads: int | None, local_world: int) -> None:
+    import torch
+
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(threads or max(1, cores // max(1, local_world)))
+
+
+def worker_main(rank, world_size, store_port, model, parallel, device, dtype, requests, results):
+    """Entry point of a spawned rank. Talks to the parent only through two queues."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(store_port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
+    watch = None
+    try:
+        configure_threads(parallel.threads_per_rank, world_size)
+        import torch.distributed as dist
+
+        from comms.failure import FailureWatch
+        from comms.groups import init_distributed
+        from engine.runtime import RankRuntime
+
+        watch = FailureWatch(rank, "127.0.0.1", store_port)
+        import datetime
+
+        store = dist.TCPStore(
+            "127.0.0.1", store_port, world_size, is_master=False,
+            timeout=datetime.timedelta(seconds=parallel.comm_timeout_s),
+        )
+        topo = init_distributed(rank, world_size, rank, device, parallel.comm_timeout_s, store=store)
+        runtime = RankRuntime(model, topo, dtype)
+        results.put(("ready", rank, runtime.info))
+        while True:
+            request = requests.get()
+            if request is None:
+                break
+            output = runtime.run(request)
+            results.put(("ok", rank, output if rank == 0 else None))
+    except BaseException as exc:  # report anything, then leave: the group is unusable now
+        if watch is not None:
+            watch.report(exc)
+        summary = f"{type(exc).__name__}: {exc}".strip().splitlines()[0] if str(exc) else type(exc).__name__
+        results.put(("error", rank, (summary, traceback.format_exc())))
+        results.close()
+        results.join_thread()
+        os._exit(1)
+    results.close()
+    results.join_thread()
+    from comms.groups import shutdown
+
+    shutdown()

@@ -1,0 +1,65 @@
+"""ParallelConfig: how one generation is split across ranks (user-facing, validated early)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+STRATEGIES = ("none", "patch", "patch-sync")
+GN_MODES = ("corrected", "sync")
+
+
+class ConfigError(ValueError):
+    """A request or configuration that cannot run; raised before any rank does work."""
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """
+    strategy:      "none" (serial diffusers), "patch" (displaced patch parallelism with
+                   stale neighbour activations) or "patch-sync" (same layers, every
+                   exchange fresh: equal to serial up to float reassociation).
+    world_size:    number of ranks; None takes it from torchrun's environment, else 1.
+    warmup_steps:  synchronous UNet evaluations before staleness starts ("patch").
+    gn_mode:       "corrected" (stale global GroupNorm statistics corrected with fresh
+                   local ones) or "sync" (exact all-gather of statistics every step).
+    cfg_split:     put the unconditional and conditional halves of a guided batch on two
+                   rank groups; None = on whenever guidance is used and world_size is even.
+    comm_timeout_s: bound on any collective; a vanished peer becomes an error, not a hang.
+    trace_comms:   record every post and wait of stale exchanges in the report.
+    threads_per_rank: CPU threads per spawned rank (None: cores / local ranks).
+    """
+
+    strategy: str = "patch"
+    world_size: int | None = None
+    warmup_steps: int = 4
+    gn_mode: str = "corrected"
+    cfg_split: bool | None = None
+    comm_timeout_s: float = 120.0
+    trace_comms: bool = False
+    threads_per_rank: int | None = None
+
+    def validate(self) -> "ParallelConfig":
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if self.world_size is not None and (not isinstance(self.world_size, int) or self.world_size < 1):
+            raise ConfigError(f"world_size must be a positive integer, got {self.world_size!r}")
+        if self.strategy == "none" and (self.world_size or 1) > 1:
+            raise ConfigError(
+                f"strategy 'none' runs on one rank, but world_size is {self.world_size}; "
+                "use 'patch' or 'patch-sync' for several ranks"
+            )
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be a non-negative integer, got {self.warmup_steps!r}")
+        if self.gn_mode not in GN_MODES:
+            raise ConfigError(f"unknown gn_mode {self.gn_mode!r}; choose one of {', '.join(GN_MODES)}")
+        if self.comm_timeout_s <= 0:
+            raise ConfigError("comm_timeout_s must be positive")
+        if self.threads_per_rank is not None and self.threads_per_rank < 1:
+            raise ConfigError("threads_per_rank must be at least 1")
+        return self
+
+    def with_world_size(self, world_size: int) -> "ParallelConfig":
+        return replace(self, world_size=world_size)
+
+    def as_dict(self) -> dict:
+        return asdict(self)

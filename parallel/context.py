@@ -1,0 +1,100 @@
+"""PatchContext: the per-rank state every patch-aware layer consults.
+
+Layers are swapped into the model once; what changes per request (band plan, CFG split,
+strategy, current step) lives here, so one set of worker processes serves requests of
+any size and strategy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from comms import CommStats, StaleExchange, Topology
+from parallel.bands import BandPlan
+from parallel.config import ParallelConfig
+
+
+@dataclass
+class RequestLayout:
+    """How one request is laid out over the world."""
+
+    config: ParallelConfig
+    plan: BandPlan  # bands inside this rank's patch group
+    cfg_split: bool
+    group_index: int  # which CFG half this rank serves (0 when not split)
+    band_index: int  # this rank's band inside its patch group
+    patch_exchange: StaleExchange | None  # None when the group has one member
+
+
+class PatchContext:
+    def __init__(self, topo: Topology, stats: CommStats):
+        self.topo = topo
+        self.stats = stats
+        self.enabled = False  # False: every swapped layer behaves exactly like the original
+        self.layout: RequestLayout | None = None
+        self.step = -1
+        self._exchanges: dict = {}
+        self.world_exchange = (
+            StaleExchange(topo.world, range(topo.world_size), topo.rank, stats) if topo.distributed else None
+        )
+
+    # -- per request -------------------------------------------------------------
+    def begin_request(self, config: ParallelConfig, height: int, width: int, align: int, cfg_split: bool) -> None:
+        group, ranks = self.topo.patch_group(cfg_split)
+        plan = BandPlan.split(height, width, len(ranks), align)
+        exchange = None
+        if len(ranks) > 1:
+            key = tuple(ranks)
+            if key not in self._exchanges:
+                self._exchanges[key] = StaleExchange(group, ranks, self.topo.rank, self.stats)
+            exchange = self._exchanges[key]
+            exchange.reset()
+        group_index = self.topo.rank // len(ranks) if cfg_split else 0
+        self.layout = RequestLayout(config, plan, cfg_split, group_index, ranks.index(self.topo.rank), exchange)
+        self.step = -1
+        self.enabled = True
+
+    def end_request(self) -> None:
+        if self.layout is not None and self.layout.patch_exchange is not None:
+            self.layout.patch_exchange.reset()  # wait for what is still in flight
+        self.enabled = False
+
+    # -- per step ----------------------------------------------------------------
+    def begin_step(self) -> None:
+        self.step += 1
+        self.stats.step = self.step
+
+    def end_step(self) -> None:
+        if self.layout.patch_exchange is not None:
+            self.layout.patch_exchange.flush()
+
+    # -- what layers ask ---------------------------------------------------------
+    @property
+    def splits_rows(self) -> bool:
+        return self.enabled and self.layout is not None and self.layout.patch_exchange is not None
+
+    @property
+    def sync(self) -> bool:
+        """Whether this step's exchanges are fresh and blocking."""
+        cfg = self.layout.config
+        return cfg.strategy == "patch-sync" or self.step < cfg.warmup_steps
+
+    @property
+    def gn_sync(self) -> bool:
+        return self.sync or self.layout.config.gn_mode == "sync"
+
+    @property
+    def exchange(self) -> StaleExchange:
+        return self.layout.patch_exchange
+
+    @property
+    def plan(self) -> BandPlan:
+        return self.layout.plan
+
+    @property
+    def index(self) -> int:
+        return self.layout.band_index
+
+    @property
+    def members(self) -> int:
+        return self.layout.plan.members

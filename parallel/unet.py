@@ -1,0 +1,129 @@
+"""Make a diffusers UNet2DConditionModel patch-parallel, by composition.
+
+- Convs that cross band boundaries and every GroupNorm have their class swapped to the
+  patch-aware versions (weights, names and state_dict keys are untouched).
+- Self-attention gets a patch-aware attention processor.
+- A forward pre-hook cuts the UNet input to this rank's CFG half (batch) and row band;
+  a forward hook gathers every rank's output band back into the full prediction, so the
+  unmodified diffusers pipeline (guidance, scheduler) runs unchanged on every rank.
+
+Nothing here is specific to a diffusers version beyond the public module classes and
+`set_attn_processor`.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from parallel.attention import PatchSelfAttnProcessor
+from parallel.context import PatchContext
+from parallel.conv import HaloConv2d, can_halo
+from parallel.groupnorm import PatchGroupNorm
+
+# UNet forward arguments whose first dimension is the batch.
+_BATCHED = ("sample", "encoder_hidden_states", "timestep_cond", "class_labels", "attention_mask", "encoder_attention_mask")
+
+
+def downsampling_factor(unet) -> int:
+    """How many latent rows collapse into one row at the UNet's coarsest level."""
+    return 2 ** sum(1 for block in unet.down_blocks if getattr(block, "downsamplers", None))
+
+
+def parallelize_unet(unet: nn.Module, ctx: PatchContext) -> None:
+    for name, module in unet.named_modules():
+        if type(module) is nn.Conv2d and can_halo(module):
+            module.__class__ = HaloConv2d
+        elif type(module) is nn.GroupNorm:
+            module.__class__ = PatchGroupNorm
+        else:
+            continue
+        module._tessera_ctx = ctx
+        module._tessera_name = name
+
+    processors = {}
+    for key, processor in unet.attn_processors.items():
+        attn = unet.get_submodule(key.rsplit(".processor", 1)[0])
+        if getattr(attn, "is_cross_attention", True):
+            processors[key] = processor
+        else:
+            processors[key] = PatchSelfAttnProcessor(ctx, key, processor)
+    unet.set_attn_processor(processors)
+
+    signature = inspect.signature(unet.forward)
+    unet.register_forward_pre_hook(_make_pre_hook(ctx, signature), with_kwargs=True)
+    unet.register_forward_hook(_make_post_hook(ctx), with_kwargs=True)
+
+
+def _slice_batch(value, lo: int, hi: int, batch: int):
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+        return value[lo:hi]
+    return value
+
+
+def _make_pre_hook(ctx: PatchContext, signature):
+    def pre_hook(module, args, kwargs):
+        if not ctx.enabled:
+            return None
+        ctx.begin_step()
+        bound = signature.bind(*args, **kwargs)
+        arguments = dict(bound.arguments)
+        sample = arguments["sample"]
+        batch = sample.shape[0]
+        ctx.full_shape = tuple(sample.shape)
+        layout = ctx.layout
+        if layout.cfg_split:
+            if batch % 2:
+                raise RuntimeError(f"CFG split needs an even UNet batch, got {batch}")
+            half = batch // 2
+            lo, hi = layout.group_index * half, (layout.group_index + 1) * half
+            for name in _BATCHED + ("timestep",):
+                if name in arguments:
+                    arguments[name] = _slice_batch(arguments[name], lo, hi, batch)
+            if arguments.get("added_cond_kwargs"):
+                arguments["added_cond_kwargs"] = {
+                    k: _slice_batch(v, lo, hi, batch) for k, v in arguments["added_cond_kwargs"].items()
+                }
+        if ctx.splits_rows:
+            plan = layout.plan
+            start, end = plan.starts[ctx.index], plan.ends[ctx.index]
+            arguments["sample"] = arguments["sample"][:, :, start:end]
+        return (), arguments
+
+    return pre_hook
+
+
+def _make_post_hook(ctx: PatchContext):
+    def post_hook(module, args, kwargs, output):
+        if not ctx.enabled:
+            return None
+        local = output[0] if isinstance(output, tuple) else output.sample
+        full = gather_prediction(ctx, local)
+        ctx.end_step()
+        if isinstance(output, tuple):
+            return (full,) + tuple(output[1:])
+        output.sample = full
+        return output
+
+    return post_hook
+
+
+def gather_prediction(ctx: PatchContext, local: torch.Tensor) -> torch.Tensor:
+    """Every rank's (CFG half, row band) of the prediction, assembled into the full tensor."""
+    if ctx.world_exchange is None:
+        return local
+    layout, topo = ctx.layout, ctx.topo
+    batch, channels, height, width = ctx.full_shape
+    half = batch // 2 if layout.cfg_split else batch
+    group_size = layout.plan.members
+    shapes = []
+    for rank in range(topo.world_size):
+        band = rank % group_size if layout.cfg_split else rank
+        shapes.append(torch.Size((half, channels, layout.plan.rows(band), width)))
+    parts = ctx.world_exchange.all_gather("unet.output", local.contiguous(), shapes, sync=True)
+    if not layout.cfg_split:
+        return torch.cat(parts, dim=2)
+    halves = [torch.cat(parts[g * group_size : (g + 1) * group_size], dim=2) for g in range(2)]
+    return torch.cat(halves, dim=0)
