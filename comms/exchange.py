@@ -27,6 +27,10 @@ import torch.distributed as dist
 from comms.stats import CommStats, nbytes
 
 
+# torch 2.13 renamed all_gather_into_tensor; keep older releases working.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 @dataclass
 class _Pending:
     works: list
@@ -139,7 +143,7 @@ class StaleExchange:
             send[offset : offset + flat.numel()] = flat
             offset += w
         recv = torch.empty(self.size * total, dtype=ref.dtype, device=ref.device)
-        work = dist.all_gather_into_tensor(recv, send, group=self.group, async_op=True)
+        work = _all_gather_single(recv, send, group=self.group, async_op=True)
         elem = ref.element_size()
         mine = sum(shapes[self.index].numel() for shapes in shapes_list)
         others = sum(s.numel() for shapes in shapes_list for j, s in enumerate(shapes) if j != self.index)

@@ -57,13 +57,14 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype | None = 
     check_model_spec(model)
     dtype = dtype or default_dtype(device)
     if model in PRESETS:
-        pipe = PRESETS[model]()
+        pipe = PRESETS[model]()  # float32, as built
     else:
         from diffusers import DiffusionPipeline
 
         pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
-    pipe.to(device=device, dtype=dtype)
-    return pipe
+    if pipe.unet.dtype != dtype:
+        pipe.to(dtype=dtype)
+    return pipe.to(device)
 
 
 def save_preset(name: str, path: str) -> str:

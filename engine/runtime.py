@@ -6,6 +6,7 @@ of a torchrun job) and in each worker process of the local launcher.
 
 from __future__ import annotations
 
+import os
 import resource
 import time
 from dataclasses import dataclass
@@ -36,6 +37,28 @@ def _peak_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # process peak RSS
+
+
+FAULT_ENV = "TESSERA_INJECT_FAULT"
+
+
+def _injected_fault(rank: int):
+    """Testing hook for failure handling: TESSERA_INJECT_FAULT="rank=R,step=S" makes rank R
+    raise after denoising step S, so tests can check that every other rank stops fast."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return None
+    fields = dict(item.split("=", 1) for item in spec.split(","))
+    if int(fields.get("rank", -1)) != rank:
+        return None
+    at_step = int(fields.get("step", 0))
+
+    def callback(pipe, step, timestep, kwargs):
+        if step == at_step:
+            raise RuntimeError(f"injected fault at step {step} ({FAULT_ENV})")
+        return kwargs
+
+    return callback
 
 
 class RankRuntime:
@@ -76,6 +99,10 @@ class RankRuntime:
 
     def _denoise(self, request: GenerateRequest) -> torch.Tensor:
         generator = torch.Generator(device="cpu").manual_seed(request.seed)
+        extra = {}
+        fault = _injected_fault(self.topo.rank)
+        if fault is not None:
+            extra["callback_on_step_end"] = fault
         out = self.pipe(
             prompt=list(request.prompt),
             negative_prompt=list(request.negative_prompt) if request.negative_prompt else None,
@@ -85,6 +112,7 @@ class RankRuntime:
             guidance_scale=request.guidance_scale,
             generator=generator,
             output_type="latent",
+            **extra,
         )
         return out.images
 
