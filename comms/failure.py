@@ -9,6 +9,7 @@ thread never polls, so there is no cost on the hot path.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import sys
@@ -31,19 +32,28 @@ class FailureWatch:
         self.rank = rank
         self.addr = addr
         self.port = port
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="tessera-failure-watch", daemon=True)
         self._thread.start()
+        atexit.register(self.stop)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
 
     def _watch(self) -> None:
         try:
             store = _client(self.addr, self.port, timeout_s=30)
-            while True:
+            while not self._stop.is_set():
                 try:
-                    store.wait([FAILED_KEY], datetime.timedelta(hours=1))
+                    store.wait([FAILED_KEY], datetime.timedelta(seconds=1))
                     break
                 except dist.DistStoreError as err:  # timed out waiting: keep watching
                     if "timeout" not in str(err).lower():
                         return
+            else:
+                return
         except Exception:
             return  # the store went away: the launcher handles ranks that vanish
         try:

@@ -88,7 +88,10 @@ class _InProcess:
             raise
 
     def close(self):
-        pass
+        if self.watch is not None:
+            self.watch.stop()
+            self.watch = None
+        groups.shutdown()
 
 
 class Engine:

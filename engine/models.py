@@ -3,27 +3,12 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 
-from engine.presets import PRESETS
+from engine.info import ModelInfo
+from engine.presets import PRESET_INFO, PRESETS
 from parallel.config import ConfigError
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What request validation needs to know about a loaded model (picklable)."""
-
-    name: str
-    pipeline: str
-    vae_scale_factor: int
-    align: int  # latent rows per smallest patch band (denoiser downsampling factor)
-    native_size: int  # default height/width in pixels
-
-    @property
-    def pixel_align(self) -> int:
-        return self.vae_scale_factor * self.align
 
 
 def check_model_spec(model: str) -> None:
@@ -44,6 +29,36 @@ def check_model_spec(model: str) -> None:
         )
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         raise ConfigError(f"model {model!r} looks like a hub id but HF_HUB_OFFLINE is set; use a preset or a local directory")
+
+
+def _info_from_configs(name: str, pipeline: str, unet: dict, vae: dict) -> ModelInfo:
+    vae_factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    # UNet2DConditionModel downsamples at the end of every down block but the last.
+    align = 2 ** (len(unet["down_block_types"]) - 1)
+    sample = unet["sample_size"]
+    sample = sample[0] if isinstance(sample, (list, tuple)) else sample
+    return ModelInfo(name, pipeline, vae_factor, align, sample * vae_factor)
+
+
+def describe_model(model: str) -> ModelInfo | None:
+    """ModelInfo from configs alone (no weights), so requests can be validated before any
+    rank is started. None when only loading can tell (a hub id)."""
+    import json
+
+    check_model_spec(model)
+    if model in PRESETS:
+        return PRESET_INFO[model]
+    if os.path.isdir(model):
+        def read(*parts):
+            with open(os.path.join(model, *parts)) as f:
+                return json.load(f)
+
+        try:
+            index, unet, vae = read("model_index.json"), read("unet", "config.json"), read("vae", "config.json")
+        except (OSError, KeyError, ValueError):
+            return None
+        return _info_from_configs(model, index.get("_class_name", "?"), unet, vae)
+    return None
 
 
 def default_dtype(device: torch.device) -> torch.dtype:

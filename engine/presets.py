@@ -11,6 +11,8 @@ from typing import Callable
 
 import torch
 
+from engine.info import ModelInfo
+
 PRESET_SEED = 1234
 
 
@@ -167,4 +169,12 @@ def build_tiny_sdxl():
 PRESETS: dict[str, Callable] = {
     "tiny-sd": build_tiny_sd,
     "tiny-sdxl": build_tiny_sdxl,
+}
+
+
+# What request validation needs, known without building the weights (a test checks that
+# these agree with the built models): VAE factor 8, three UNet levels (factor 4), 256 px.
+PRESET_INFO = {
+    "tiny-sd": ModelInfo("tiny-sd", "StableDiffusionPipeline", 8, 4, 256),
+    "tiny-sdxl": ModelInfo("tiny-sdxl", "StableDiffusionXLPipeline", 8, 4, 256),
 }

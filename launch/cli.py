@@ -71,6 +71,8 @@ def generate(args) -> int:
     import torch
 
     from engine import Engine, ParallelConfig
+    from engine.models import describe_model
+    from engine.request import build_request
 
     world = _world(args)
     strategy = args.strategy or ("patch" if world > 1 else "none")
@@ -83,19 +85,21 @@ def generate(args) -> int:
         comm_timeout_s=args.timeout,
     ).validate()
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    request = dict(
+        height=args.height,
+        width=args.width,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        seed=args.seed,
+        negative_prompt=args.negative_prompt,
+        scheduler=args.scheduler,
+        compare_serial=args.compare_serial,
+    )
+    info = describe_model(args.model)
+    if info is not None:
+        build_request(info, parallel, args.prompt, **request)  # bad input fails before any rank starts
     with Engine.from_pretrained(args.model, parallel=parallel, device=args.device, dtype=dtype) as engine:
-        result = engine.generate(
-            args.prompt,
-            height=args.height,
-            width=args.width,
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance,
-            seed=args.seed,
-            negative_prompt=args.negative_prompt,
-            scheduler=args.scheduler,
-            compare_serial=args.compare_serial,
-            progress=not args.no_progress,
-        )
+        result = engine.generate(args.prompt, progress=not args.no_progress, **request)
     if not result.images:
         return 0  # a non-zero torchrun rank: rank 0 writes the outputs
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -1,0 +1,20 @@
+"""ModelInfo: the facts about a model that request validation needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What request validation needs to know about a loaded model (picklable)."""
+
+    name: str
+    pipeline: str
+    vae_scale_factor: int
+    align: int  # latent rows per smallest patch band (denoiser downsampling factor)
+    native_size: int  # default height/width in pixels
+
+    @property
+    def pixel_align(self) -> int:
+        return self.vae_scale_factor * self.align

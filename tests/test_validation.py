@@ -1,0 +1,108 @@
+"""Bad input fails before any rank starts, with one clear line; a failing rank stops the rest."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from engine import ConfigError, Engine, ParallelConfig
+from engine.models import describe_model
+from engine.request import build_request
+from launch.cli import main
+from launch.worker import RankFailedError
+
+INFO = describe_model("tiny-sd")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _req(world=2, strategy="patch", cfg_split=None, **kw):
+    args = dict(prompt="x", height=256, width=256, num_inference_steps=4, guidance_scale=5.0, seed=0)
+    args.update(kw)
+    return build_request(INFO, ParallelConfig(strategy=strategy, world_size=world, cfg_split=cfg_split), **args)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(height=250), "not a multiple of 8"),
+        (dict(width=264), "not a multiple of 32"),  # patch needs VAE x UNet alignment
+        (dict(world=9, cfg_split=False), "only 8 bands"),
+        (dict(world=3, cfg_split=True), "even world size"),
+        (dict(cfg_split=True, guidance_scale=1.0), "needs classifier-free guidance"),
+        (dict(num_inference_steps=-3), "positive integer"),
+        (dict(num_inference_steps=0), "positive integer"),
+        (dict(strategy="stale-magic"), "unknown strategy"),
+        (dict(seed=-1), "non-negative"),
+        (dict(negative_prompt="blurry", guidance_scale=1.0), "ignored"),
+        (dict(scheduler="NotAScheduler"), "unknown scheduler"),
+        (dict(strategy="none"), "runs on one rank"),
+    ],
+)
+def test_bad_request_is_rejected_with_a_clear_message(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        _req(**kwargs)
+
+
+def test_cfg_split_defaults_on_for_even_guided_worlds_only():
+    assert _req(world=4).cfg_split is True
+    assert _req(world=3).cfg_split is False
+    assert _req(world=4, guidance_scale=1.0).cfg_split is False
+
+
+def test_unknown_model_is_rejected_before_any_rank_starts():
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match="unknown model"):
+        Engine.from_pretrained("no-such-model", parallel=ParallelConfig(world_size=2))
+    assert time.monotonic() - start < 5
+
+
+def test_preset_description_matches_the_built_model(pool):
+    for model in ("tiny-sd", "tiny-sdxl"):
+        assert pool.serial_engine(model).info == describe_model(model)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--height", "250"],
+        ["--nproc", "99", "--height", "128", "--width", "128"],
+        ["--model", "nope"],
+        ["--nproc", "2", "--cfg-split", "--guidance", "1"],
+        ["--steps", "-1"],
+    ],
+)
+def test_cli_bad_input_exits_nonzero_with_one_line(argv, capsys):
+    assert main(["generate", *argv, "--out", "/tmp/never.png"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tessera: error:") and len(err.splitlines()) == 1
+    assert not os.path.exists("/tmp/never.png")
+
+
+def test_cli_unknown_strategy_exits_nonzero():
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.cli", "generate", "--strategy", "bogus"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr
+
+
+def test_a_rank_that_raises_stops_every_rank_within_seconds(monkeypatch):
+    monkeypatch.setenv("TESSERA_INJECT_FAULT", "rank=1,step=2")
+    engine = Engine.from_pretrained("tiny-sd", parallel=ParallelConfig(strategy="patch", world_size=3))
+    procs = engine._backend._procs
+    start = time.monotonic()
+    with pytest.raises(RankFailedError, match=r"rank 1 failed: RuntimeError: injected fault at step 2"):
+        engine.generate("x", height=128, width=128, num_inference_steps=6, progress=False)
+    assert time.monotonic() - start < 30
+    assert all(not p.is_alive() for p in procs)
+    with pytest.raises(RankFailedError, match="restart"):
+        engine.generate("x", height=128, width=128, num_inference_steps=2, progress=False)
+    monkeypatch.delenv("TESSERA_INJECT_FAULT")
+    engine.restart()  # a fresh group serves the next request
+    try:
+        result = engine.generate("x", height=128, width=128, num_inference_steps=2, progress=False)
+        assert result.image.size == (128, 128)
+    finally:
+        engine.close()
