@@ -113,6 +113,8 @@ class Engine:
     ) -> "Engine":
         """Load `model` (preset, local directory or hub id) on every rank of the world."""
         check_model_spec(model)
+        if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} was asked for, but CUDA is not available on this machine")
         env = groups.env_world()
         if parallel is None:
             world = env[1] if env else 1

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from comms import CommStats, StaleExchange, Topology
 from parallel.bands import BandPlan
 from parallel.config import ParallelConfig
@@ -34,6 +36,8 @@ class PatchContext:
         self.layout: RequestLayout | None = None
         self.step = -1
         self._exchanges: dict = {}
+        self.full_shape = None  # the UNet input's full (batch, channels, rows, cols) this step
+        self._weights: dict = {}
         self.world_exchange = (
             StaleExchange(topo.world, range(topo.world_size), topo.rank, stats) if topo.distributed else None
         )
@@ -51,6 +55,7 @@ class PatchContext:
             exchange.reset()
         group_index = self.topo.rank // len(ranks) if cfg_split else 0
         self.layout = RequestLayout(config, plan, cfg_split, group_index, ranks.index(self.topo.rank), exchange)
+        self._weights = {}
         self.step = -1
         self.enabled = True
 
@@ -83,6 +88,13 @@ class PatchContext:
     def gn_sync(self) -> bool:
         return self.sync or self.layout.config.gn_mode == "sync"
 
+    def band_weights(self, device) -> torch.Tensor:
+        """Each band's share of the pixels, as a float32 tensor on `device` (cached)."""
+        key = str(device)
+        if key not in self._weights:
+            self._weights[key] = torch.tensor(self.layout.plan.weights(), dtype=torch.float32, device=device)
+        return self._weights[key]
+
     @property
     def exchange(self) -> StaleExchange:
         return self.layout.patch_exchange
@@ -98,3 +110,16 @@ class PatchContext:
     @property
     def members(self) -> int:
         return self.layout.plan.members
+
+
+class SwappedLayer:
+    """Mixin of the patch-aware layers, whose class is swapped onto an existing module in
+    place (weights, names and state_dict keys stay). Without an active row split the layer
+    is exactly the original."""
+
+    _tessera_ctx: PatchContext | None = None
+    _tessera_name = ""
+
+    def _row_split(self) -> PatchContext | None:
+        ctx = self._tessera_ctx
+        return ctx if ctx is not None and ctx.splits_rows else None

@@ -13,16 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from parallel.context import SwappedLayer
 
-class HaloConv2d(nn.Conv2d):
-    """An nn.Conv2d whose class is swapped in place (weights and state_dict keys stay)."""
 
-    _tessera_ctx = None
-    _tessera_name = ""
-
+class HaloConv2d(SwappedLayer, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ctx = self._tessera_ctx
-        if ctx is None or not ctx.splits_rows:
+        ctx = self._row_split()
+        if ctx is None:
             return super().forward(x)
         k, stride, pad = self.kernel_size[0], self.stride[0], self.padding[0]
         plan, index = ctx.plan, ctx.index

@@ -16,16 +16,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from parallel.context import SwappedLayer
 
-class PatchGroupNorm(nn.GroupNorm):
-    """An nn.GroupNorm whose class is swapped in place (weights and state_dict keys stay)."""
 
-    _tessera_ctx = None
-    _tessera_name = ""
-
+class PatchGroupNorm(SwappedLayer, nn.GroupNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ctx = self._tessera_ctx
-        if ctx is None or not ctx.splits_rows:
+        ctx = self._row_split()
+        if ctx is None:
             return super().forward(x)
         b, c = x.shape[:2]
         g = self.num_groups
@@ -37,7 +34,7 @@ class PatchGroupNorm(nn.GroupNorm):
             self._tessera_name, local, [local.shape] * ctx.members, sync=ctx.gn_sync, coalesce=True
         )
         stats = torch.stack([local if j == ctx.index else t for j, t in enumerate(gathered)])  # (m, b, g, 2)
-        weights = torch.tensor(ctx.plan.weights(), dtype=torch.float32, device=x.device).view(-1, 1, 1)
+        weights = ctx.band_weights(x.device).view(-1, 1, 1)
         g_mean = (weights * stats[..., 0]).sum(0)
         g_var = (weights * (stats[..., 1] + (stats[..., 0] - g_mean) ** 2)).sum(0)
 

@@ -106,3 +106,9 @@ def test_a_rank_that_raises_stops_every_rank_within_seconds(monkeypatch):
         assert result.image.size == (128, 128)
     finally:
         engine.close()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_asking_for_cuda_without_cuda_is_a_clear_error():
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        Engine.from_pretrained("tiny-sd", device="cuda", parallel=ParallelConfig(world_size=2))
