@@ -1,6 +1,6 @@
 """Fidelity and traffic of `patch` vs serial, for several world sizes and warm-ups.
 
-    python -m benchmarks.patch_fidelity --model tiny-sdxl --size 512 --steps 20 --worlds 2,4
+    python -m benchmarks.patch_fidelity --model tiny-sdxl --sizes 512 --steps 20 --worlds 2,4
 
 Writes JSON (one record per point) and prints a markdown table. Latencies on a shared CPU
 machine are not comparable across runs; fidelity and bytes are.
@@ -16,14 +16,14 @@ import platform
 import torch
 
 
-def run(model: str, size: int, steps: int, worlds: list[int], warmups: list[int], seed: int, gn_mode: str):
+def run(model: str, sizes: list[int], steps: int, worlds: list[int], warmups: list[int], seed: int, gn_mode: str):
     from engine import Engine, ParallelConfig
 
     records = []
     for world in worlds:
         config = ParallelConfig(strategy="patch", world_size=world, cfg_split=False, gn_mode=gn_mode)
         with Engine.from_pretrained(model, parallel=config) as engine:
-            for warmup in warmups:
+            for size, warmup in [(size, warmup) for size in sizes for warmup in warmups]:
                 result = engine.generate(
                     "a red circle and a blue square on a dark background", height=size, width=size,
                     num_inference_steps=steps, seed=seed, compare_serial=True, progress=False,
@@ -54,7 +54,7 @@ def _row(r: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny-sdxl")
-    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--sizes", default="512", help="comma-separated image sizes (square)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--worlds", default="2,4")
     parser.add_argument("--warmups", default="4")
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     print("| model | size | ranks | warm-up | PSNR vs serial (dB) | latent rel L2 | MB sent per step, per rank |")
     print("|---|---|---|---|---|---|---|")
-    records = run(args.model, args.size, args.steps, [int(w) for w in args.worlds.split(",")],
+    records = run(args.model, [int(s) for s in args.sizes.split(",")], args.steps, [int(w) for w in args.worlds.split(",")],
                   [int(w) for w in args.warmups.split(",")], args.seed, args.gn_mode)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
