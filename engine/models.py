@@ -7,8 +7,19 @@ import os
 import torch
 
 from engine.info import ModelInfo
-from engine.presets import PRESET_INFO, PRESETS
+from engine.presets import PRESET_INFO, PRESETS, TRAINED_PRESETS
 from parallel.config import ConfigError
+
+
+def preset_names() -> list[str]:
+    return sorted(PRESETS) + sorted(TRAINED_PRESETS)
+
+
+def _trained_dir(name: str) -> str:
+    path = TRAINED_PRESETS[name]
+    if not os.path.isfile(os.path.join(path, "model_index.json")):
+        raise ConfigError(f"preset {name!r}: its weights are missing from {path} (train them with benchmarks/train_shapes.py)")
+    return path
 
 
 def check_model_spec(model: str) -> None:
@@ -17,6 +28,9 @@ def check_model_spec(model: str) -> None:
         raise ConfigError("model must be a preset name, a local diffusers directory or a hub id")
     if model in PRESETS:
         return
+    if model in TRAINED_PRESETS:
+        _trained_dir(model)
+        return
     if os.path.isdir(model):
         if not os.path.isfile(os.path.join(model, "model_index.json")):
             raise ConfigError(f"{model} is a directory but not a diffusers pipeline (no model_index.json)")
@@ -24,7 +38,7 @@ def check_model_spec(model: str) -> None:
     looks_like_hub_id = model.count("/") == 1 and not model.startswith((".", "/"))
     if not looks_like_hub_id:
         raise ConfigError(
-            f"unknown model {model!r}: not a preset ({', '.join(sorted(PRESETS))}), "
+            f"unknown model {model!r}: not a preset ({', '.join(preset_names())}), "
             "not a local diffusers directory, not a hub id"
         )
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
@@ -48,9 +62,10 @@ def describe_model(model: str) -> ModelInfo | None:
     check_model_spec(model)
     if model in PRESETS:
         return PRESET_INFO[model]
-    if os.path.isdir(model):
+    path = _trained_dir(model) if model in TRAINED_PRESETS else model
+    if os.path.isdir(path):
         def read(*parts):
-            with open(os.path.join(model, *parts)) as f:
+            with open(os.path.join(path, *parts)) as f:
                 return json.load(f)
 
         try:
@@ -76,7 +91,8 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype | None = 
     else:
         from diffusers import DiffusionPipeline
 
-        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
+        path = _trained_dir(model) if model in TRAINED_PRESETS else model
+        pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype)
     if pipe.unet.dtype != dtype:
         pipe.to(dtype=dtype)
     return pipe.to(device)

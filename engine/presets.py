@@ -1,12 +1,15 @@
-"""Built-in model presets, built offline from configs with seeded random weights.
+"""Built-in model presets.
 
-They exist for fast exactness tests and for machines without a hub: every rank that
-builds a preset gets bit-identical weights (same seed, same construction order). They
-produce noise-like images; fidelity is measured on a trained model, not on these.
+- Random presets (`tiny-sd`, `tiny-sdxl`) are built offline from configs with seeded random
+  weights: every rank that builds one gets bit-identical weights (same seed, same
+  construction order). They exist for fast exactness tests; their images are noise-like.
+- Trained presets (`shapes-sd`) are diffusers directories shipped in `engine/weights/`,
+  trained by `benchmarks/train_shapes.py`. They are what fidelity is measured on.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
@@ -178,3 +181,7 @@ PRESET_INFO = {
     "tiny-sd": ModelInfo("tiny-sd", "StableDiffusionPipeline", 8, 4, 256),
     "tiny-sdxl": ModelInfo("tiny-sdxl", "StableDiffusionXLPipeline", 8, 4, 256),
 }
+
+WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
+# Trained presets: name -> diffusers directory (described from its config files).
+TRAINED_PRESETS = {"shapes-sd": os.path.join(WEIGHTS_DIR, "shapes-sd")}
