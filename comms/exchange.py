@@ -84,7 +84,8 @@ class StaleExchange:
         return slot
 
     def _wait(self, pending: _Pending):
-        with self.stats.waiting():
+        device = pending.keep_alive[0].device if pending.keep_alive and pending.keep_alive[0] is not None else None
+        with self.stats.waiting(device):
             for work in pending.works:
                 work.wait()
         return pending.build()
@@ -106,6 +107,7 @@ class StaleExchange:
             slot.ready = self._wait(pending)
             return slot.ready
         stale = self._fetch(slot)
+        slot.ready = None  # the caller holds it now; keep one full buffer per slot, not two
         slot.pending = issue()
         self.stats.event("post", slot.name, slot.pending.posted_step)
         return stale
@@ -126,6 +128,7 @@ class StaleExchange:
         slot = self._slot(name)
         if coalesce and not sync and slot.has_view:
             stale = self._fetch(slot)
+            slot.ready = None
             self._bucket.append((slot, tensor.detach().reshape(-1).clone(), shapes))
             self.stats.event("stage", slot.name, self.stats.step)
             return stale

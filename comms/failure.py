@@ -3,8 +3,13 @@
 Peers of a failed rank would otherwise sit inside a collective until its timeout. The
 failing rank writes its cause under a well-known key of the rendezvous store (hosted by
 the torchrun agent or by Tessera's local launcher, so it outlives any one rank); a daemon
-thread on every rank waits on that key and ends the process when it appears. The main
+thread on every rank watches that key and ends the process when it appears. The main
 thread never polls, so there is no cost on the hot path.
+
+The watch thread checks the key every POLL_S seconds with `check` rather than blocking in
+a timed `wait` (each timed-out wait logs a C++ warning), and can therefore be stopped
+cleanly before the process exits: a thread still blocked inside the store client at
+interpreter exit aborts the process.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch.distributed as dist
 
 FAILED_KEY = "tessera/failed"
 EXIT_CODE = 3
+POLL_S = 0.2
 
 
 def _client(addr: str, port: int, timeout_s: float):
@@ -28,10 +34,13 @@ def _client(addr: str, port: int, timeout_s: float):
 
 
 class FailureWatch:
-    def __init__(self, rank: int, addr: str, port: int):
+    def __init__(self, rank: int, addr: str, port: int, exit_on_store_loss: bool = False):
+        """`exit_on_store_loss`: for ranks whose store lives in a launcher process; if that
+        process dies, nothing else would ever stop them."""
         self.rank = rank
         self.addr = addr
         self.port = port
+        self.exit_on_store_loss = exit_on_store_loss
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="tessera-failure-watch", daemon=True)
         self._thread.start()
@@ -45,21 +54,15 @@ class FailureWatch:
     def _watch(self) -> None:
         try:
             store = _client(self.addr, self.port, timeout_s=30)
-            while not self._stop.is_set():
-                try:
-                    store.wait([FAILED_KEY], datetime.timedelta(seconds=1))
-                    break
-                except dist.DistStoreError as err:  # timed out waiting: keep watching
-                    if "timeout" not in str(err).lower():
-                        return
-            else:
-                return
-        except Exception:
-            return  # the store went away: the launcher handles ranks that vanish
-        try:
+            while not store.check([FAILED_KEY]):
+                if self._stop.wait(POLL_S):
+                    return
             cause = store.get(FAILED_KEY).decode()
         except Exception:
-            cause = "a peer rank failed"
+            if self.exit_on_store_loss and not self._stop.is_set():
+                print(f"[tessera rank {self.rank}] stopping: the launcher's store is gone", file=sys.stderr, flush=True)
+                os._exit(EXIT_CODE)
+            return  # the store went away: the launcher handles ranks that vanish
         if cause.startswith(f"rank {self.rank}:"):
             return  # our own report; the main thread is already raising it
         print(f"[tessera rank {self.rank}] stopping: {cause}", file=sys.stderr, flush=True)

@@ -36,6 +36,7 @@ class CommStats:
     steps: dict = field(default_factory=dict)
     trace_enabled: bool = False
     trace: list = field(default_factory=list)
+    _cuda_waits: list = field(default_factory=list)  # (step, start event, end event)
 
     def _current(self) -> StepStats:
         return self.steps.setdefault(self.step, StepStats())
@@ -47,12 +48,33 @@ class CommStats:
         cur.collectives += ops
 
     @contextmanager
-    def waiting(self):
+    def waiting(self, device=None):
+        """Time spent waiting on communication. On CUDA, `work.wait()` only makes the
+        compute stream wait, so the stall is measured on the stream with events and
+        resolved after the request (`resolve_cuda_waits`)."""
+        if device is not None and device.type == "cuda":
+            import torch
+
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            try:
+                yield
+            finally:
+                end = torch.cuda.Event(enable_timing=True)
+                end.record()
+                self._cuda_waits.append((self.step, start, end))
+            return
         start = time.perf_counter()
         try:
             yield
         finally:
             self._current().comm_wait_s += time.perf_counter() - start
+
+    def resolve_cuda_waits(self) -> None:
+        """Add the stream stalls recorded on CUDA (call after the device synchronised)."""
+        for step, start, end in self._cuda_waits:
+            self.steps.setdefault(step, StepStats()).comm_wait_s += start.elapsed_time(end) / 1000.0
+        self._cuda_waits = []
 
     def event(self, kind: str, slot: str, posted_step: int | None = None) -> None:
         """Trace of posts and waits, used to prove that stale exchanges overlap steps."""
@@ -66,6 +88,7 @@ class CommStats:
         self.steps = {}
         self.trace = []
         self.trace_enabled = trace
+        self._cuda_waits = []
 
     def totals(self) -> StepStats:
         out = StepStats()

@@ -55,6 +55,19 @@ def _json_safe(value):
     return value
 
 
+def _check_device(device, world: int, local_ranks: int | None) -> None:
+    """Devices are chosen per rank from its local rank; refuse what cannot work."""
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} was asked for, but CUDA is not available on this machine")
+        if dev.index is not None and world > 1:
+            raise ConfigError(f"device {device!r} names one GPU for {world} ranks; pass 'cuda' (each rank takes its local GPU)")
+        spawned = world if local_ranks is None else local_ranks
+        if spawned > torch.cuda.device_count():
+            raise ConfigError(f"{spawned} local ranks but only {torch.cuda.device_count()} GPUs on this machine")
+
+
 class _InProcess:
     """Serial, or one rank of a torchrun job: the runtime lives in this process."""
 
@@ -68,8 +81,8 @@ class _InProcess:
             address = store_address()
             if address:
                 self.watch = FailureWatch(rank, *address)
-        topo = groups.init_distributed(rank, world, local_rank, device, parallel.comm_timeout_s)
         try:
+            topo = groups.init_distributed(rank, world, local_rank, device, parallel.comm_timeout_s)
             self.runtime = RankRuntime(model, topo, dtype)
         except BaseException as exc:
             self._report(exc)
@@ -113,13 +126,12 @@ class Engine:
     ) -> "Engine":
         """Load `model` (preset, local directory or hub id) on every rank of the world."""
         check_model_spec(model)
-        if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"device {device!r} was asked for, but CUDA is not available on this machine")
         env = groups.env_world()
         if parallel is None:
             world = env[1] if env else 1
             parallel = ParallelConfig(strategy="patch" if world > 1 else "none", world_size=world)
         parallel = parallel.validate()
+        _check_device(device, env[1] if env else parallel.world_size or 1, local_ranks=1 if env else None)
         if env is not None and env[1] > 1:
             rank, world, local_rank = env
             if parallel.world_size not in (None, world):

@@ -14,6 +14,7 @@ class ModelInfo:
     vae_scale_factor: int
     align: int  # latent rows per smallest patch band (denoiser downsampling factor)
     native_size: int  # default height/width in pixels
+    does_cfg: bool = True  # False for guidance-embedded UNets (LCM), which never batch uncond/cond
 
     @property
     def pixel_align(self) -> int:

@@ -51,7 +51,8 @@ def _info_from_configs(name: str, pipeline: str, unet: dict, vae: dict) -> Model
     align = 2 ** (len(unet["down_block_types"]) - 1)
     sample = unet["sample_size"]
     sample = sample[0] if isinstance(sample, (list, tuple)) else sample
-    return ModelInfo(name, pipeline, vae_factor, align, sample * vae_factor)
+    does_cfg = unet.get("time_cond_proj_dim") is None
+    return ModelInfo(name, pipeline, vae_factor, align, sample * vae_factor, does_cfg)
 
 
 def describe_model(model: str) -> ModelInfo | None:

@@ -73,10 +73,11 @@ def build_request(
         raise ConfigError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
+    guided = guidance_scale > 1.0 and info.does_cfg  # when the pipeline batches uncond + cond
     negatives = None
     if negative_prompt is not None:
         negatives = _prompts(negative_prompt, "negative_prompt")
-        if guidance_scale <= 1.0:
+        if not guided:
             raise ConfigError("negative_prompt needs classifier-free guidance (guidance_scale > 1); it would be ignored")
         if len(negatives) not in (1, len(prompts)):
             raise ConfigError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
@@ -97,11 +98,10 @@ def build_request(
                     f"downsampling {info.align}), which patch parallelism needs"
                 )
 
-    guided = guidance_scale > 1.0
     cfg_split = parallel.cfg_split
     if cfg_split is True:
         if not guided:
-            raise ConfigError("cfg_split needs classifier-free guidance (guidance_scale > 1)")
+            raise ConfigError("cfg_split needs classifier-free guidance (guidance_scale > 1, a model that batches it)")
         if world % 2:
             raise ConfigError(f"cfg_split needs an even world size, got {world}")
     elif cfg_split is None:

@@ -77,6 +77,7 @@ class RankRuntime:
             vae_scale_factor=self.pipe.vae_scale_factor,
             align=backbone.align,
             native_size=self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor,
+            does_cfg=self.pipe.unet.config.time_cond_proj_dim is None,
         )
         self._scheduler_config = self.pipe.scheduler.config
         self._default_scheduler = type(self.pipe.scheduler)
@@ -134,11 +135,17 @@ class RankRuntime:
             self.ctx.begin_request(cfg, request.height // vae, request.width // vae, self.info.align, request.cfg_split)
             try:
                 latents = self._denoise(request)
-            finally:
-                self.ctx.end_request()
+            except BaseException:
+                try:
+                    self.ctx.end_request()
+                except Exception:
+                    pass  # the original error is the one to report
+                raise
+            self.ctx.end_request()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # NCCL waits and kernels are asynchronous
+            self.stats.resolve_cuda_waits()
         denoise_s = time.perf_counter() - start
-        images = decode_latents(self.pipe, latents) if rank == 0 else None
-        latency_s = time.perf_counter() - start
 
         totals = self.stats.totals()
         part = {
@@ -154,10 +161,12 @@ class RankRuntime:
         }
         if cfg.trace_comms:
             part["trace"] = list(self.stats.trace)
+        # Gather before rank 0 decodes alone: peers must not sit in a collective meanwhile.
         parts = all_gather_object(part) if self.topo.distributed else [part]
-
         if rank != 0:
             return RankOutput(None, None, {})
+        images = decode_latents(self.pipe, latents)
+        latency_s = time.perf_counter() - start
         report = {
             "model": self.model,
             "pipeline": self.info.pipeline,

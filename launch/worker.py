@@ -44,7 +44,7 @@ def worker_main(rank, world_size, store_port, model, parallel, device, dtype, re
         from comms.groups import init_distributed
         from engine.runtime import RankRuntime
 
-        watch = FailureWatch(rank, "127.0.0.1", store_port)
+        watch = FailureWatch(rank, "127.0.0.1", store_port, exit_on_store_loss=True)
         import datetime
 
         store = dist.TCPStore(

@@ -52,6 +52,8 @@ class ParallelConfig:
             raise ConfigError(f"warmup_steps must be a non-negative integer, got {self.warmup_steps!r}")
         if self.gn_mode not in GN_MODES:
             raise ConfigError(f"unknown gn_mode {self.gn_mode!r}; choose one of {', '.join(GN_MODES)}")
+        if self.cfg_split is not None and not isinstance(self.cfg_split, bool):
+            raise ConfigError(f"cfg_split must be True, False or None (auto), got {self.cfg_split!r}")
         if self.comm_timeout_s <= 0:
             raise ConfigError("comm_timeout_s must be positive")
         if self.threads_per_rank is not None and self.threads_per_rank < 1:

@@ -39,8 +39,8 @@ class PatchGroupNorm(SwappedLayer, nn.GroupNorm):
         g_var = (weights * (stats[..., 1] + (stats[..., 0] - g_mean) ** 2)).sum(0)
 
         normed = (grouped - g_mean.unsqueeze(-1)) * torch.rsqrt(g_var.unsqueeze(-1) + self.eps)
-        out = normed.reshape(x.shape).to(x.dtype)
-        if self.affine:
+        out = normed.reshape(x.shape)
+        if self.affine:  # in float32, then one rounding to the model dtype
             shape = (1, c) + (1,) * (x.dim() - 2)
-            out = out * self.weight.view(shape) + self.bias.view(shape)
-        return out
+            out = out * self.weight.float().view(shape) + self.bias.float().view(shape)
+        return out.to(x.dtype)

@@ -34,6 +34,14 @@ def downsampling_factor(unet) -> int:
 
 def parallelize_unet(unet: nn.Module, ctx: PatchContext) -> None:
     for name, module in unet.named_modules():
+        if isinstance(module, nn.Conv2d) and module.kernel_size[0] > 1 and not (
+            type(module) is nn.Conv2d and can_halo(module)
+        ):
+            raise NotImplementedError(
+                f"{name}: {type(module).__name__}(kernel={module.kernel_size}, padding={module.padding}, "
+                f"dilation={module.dilation}, mode={module.padding_mode}) crosses band boundaries in a way "
+                "patch parallelism does not handle"
+            )
         if type(module) is nn.Conv2d and can_halo(module):
             module.__class__ = HaloConv2d
         elif type(module) is nn.GroupNorm:
@@ -115,7 +123,8 @@ def gather_prediction(ctx: PatchContext, local: torch.Tensor) -> torch.Tensor:
     if ctx.world_exchange is None:
         return local
     layout, topo = ctx.layout, ctx.topo
-    batch, channels, height, width = ctx.full_shape
+    batch, _, height, width = ctx.full_shape
+    channels = local.shape[1]  # the output may have other channels than the input
     half = batch // 2 if layout.cfg_split else batch
     group_size = layout.plan.members
     shapes = []

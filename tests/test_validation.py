@@ -38,6 +38,7 @@ def _req(world=2, strategy="patch", cfg_split=None, **kw):
         (dict(negative_prompt="blurry", guidance_scale=1.0), "ignored"),
         (dict(scheduler="NotAScheduler"), "unknown scheduler"),
         (dict(strategy="none"), "runs on one rank"),
+        (dict(world=3, cfg_split=1), "True, False or None"),
     ],
 )
 def test_bad_request_is_rejected_with_a_clear_message(kwargs, message):
