@@ -21,12 +21,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The demo: displaced patch parallelism over 2 local ranks (row bands, stale activations
-# after warm-up), compared with a serial run of the same seed. DEMO_SIZE/DEMO_STEPS shrink it.
-DEMO_SIZE ?= 512
+# The demo: the shipped shapes-sd model (native 128 px) at 256x256, with displaced patch
+# parallelism over 2 local ranks (row bands, stale activations after warm-up), compared
+# with a serial run of the same seed. DEMO_SIZE/DEMO_STEPS change it.
+DEMO_SIZE ?= 256
 DEMO_STEPS ?= 20
+DEMO_PROMPT ?= a red circle and a blue triangle on a dark background
 demo: $(STAMP)
-	$(VENV)/bin/tessera generate --nproc 2 --strategy patch --no-cfg-split \
+	$(VENV)/bin/tessera generate --model shapes-sd --prompt "$(DEMO_PROMPT)" \
+	  --nproc 2 --strategy patch --no-cfg-split \
 	  --height $(DEMO_SIZE) --width $(DEMO_SIZE) --steps $(DEMO_STEPS) \
 	  --out outputs/demo.png --report outputs/demo.json --compare-serial
 

@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from engine.presets import bytes_to_unicode
+
 # ---------------------------------------------------------------------------------------------
 # Data: procedural scenes of 1-2 shapes. A scene is described in unit coordinates, so the same
 # scene can be drawn at any resolution, and its caption is derived from the description.
@@ -144,19 +146,6 @@ def batch_for_step(args, stream: int, step: int) -> tuple[torch.Tensor, list[str
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """CLIP's reversible byte -> printable character table (the byte-level alphabet)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 def _merge_pair(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
     out, i = [], 0
     while i < len(symbols):
@@ -192,7 +181,7 @@ def build_tokenizer(words=CAPTION_WORDS, max_length: int = 77):
     token per caption word."""
     from transformers import CLIPTokenizer
 
-    chars = list(_bytes_to_unicode().values())
+    chars = list(bytes_to_unicode().values())
     tokens = [BOS, EOS] + chars + [c + "</w>" for c in chars]
     merges = bpe_merges(words)
     tokens += [a + b for a, b in merges if a + b not in tokens]

@@ -19,7 +19,7 @@ from engine.info import ModelInfo
 PRESET_SEED = 1234
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """CLIP's reversible byte -> printable character table."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
@@ -36,7 +36,7 @@ def tiny_tokenizer(max_length: int = 77):
     """A character-level CLIP tokenizer that needs no files: every byte is a token."""
     from transformers import CLIPTokenizer
 
-    chars = list(_bytes_to_unicode().values())
+    chars = list(bytes_to_unicode().values())
     tokens = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
     vocab = {tok: i for i, tok in enumerate(tokens)}
     tok = CLIPTokenizer(vocab=vocab, merges=[])

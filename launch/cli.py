@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-DEFAULT_MODEL = "tiny-sd"
+DEFAULT_MODEL = "shapes-sd"  # the trained preset shipped in engine/weights/
 
 
 def _parser() -> argparse.ArgumentParser:

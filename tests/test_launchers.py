@@ -13,7 +13,7 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
-GEN = ["generate", "--height", "128", "--width", "128", "--steps", "6", "--seed", "5", "--no-progress"]
+GEN = ["generate", "--model", "tiny-sd", "--height", "128", "--width", "128", "--steps", "6", "--seed", "5", "--no-progress"]
 
 
 def _free_port():
