@@ -12,8 +12,3 @@ def all_gather_object(obj, group=None) -> list:
     out = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, obj, group=group)
     return out
-
-
-def barrier(group=None) -> None:
-    if dist.is_initialized():
-        dist.barrier(group=group)

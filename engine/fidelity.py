@@ -27,8 +27,3 @@ def rel_l2(a, b) -> float:
     b = np.asarray(b, np.float64)
     denom = np.linalg.norm(b)
     return float(np.linalg.norm(a - b) / denom) if denom > 0 else float(np.linalg.norm(a - b))
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB of two uint8 images."""
-    return compare(a, b)["psnr_db"]

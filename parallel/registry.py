@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from parallel.config import STRATEGIES, ConfigError
+from parallel.config import ConfigError
 from parallel.context import PatchContext
 from parallel.unet import downsampling_factor, parallelize_unet
 
@@ -29,7 +29,3 @@ def backbone_of(pipe) -> Backbone:
         f"{type(pipe).__name__} has no UNet2DConditionModel; patch parallelism supports UNet pipelines "
         "(SD 1.x/2.x, SDXL)"
     )
-
-
-def strategy_names() -> tuple[str, ...]:
-    return STRATEGIES
