@@ -40,9 +40,10 @@ class _Pending:
 
 
 class _Slot:
-    def __init__(self, name: str, tag: int):
+    def __init__(self, name: str, tag: int, kind: str):
         self.name = name
         self.tag = tag
+        self.kind = kind  # what is exchanged, for the byte accounting
         self.pending: _Pending | None = None
         self.ready = None  # result of the last completed exchange
 
@@ -76,12 +77,21 @@ class StaleExchange:
         slot = self._slots.get(name)
         return slot is not None and slot.has_view
 
-    def _slot(self, name: str) -> _Slot:
+    def _slot(self, name: str, kind: str = "other") -> _Slot:
         slot = self._slots.get(name)
         if slot is None:
             # Registration order is the same on every member, so tags agree.
-            slot = self._slots[name] = _Slot(name, tag=len(self._slots) + 1)
+            slot = self._slots[name] = _Slot(name, tag=len(self._slots) + 1, kind=kind)
         return slot
+
+    def prime(self, name: str, view, kind: str = "other") -> None:
+        """Make `view` what the next stale call of slot `name` returns, as if it had been
+        exchanged in this step: lets a strategy switch exchange shape after warm-up (the
+        last synchronous all-gather already holds what the first stale step needs)."""
+        slot = self._slot(name, kind)
+        if slot.pending is not None:
+            self._fetch(slot)
+        slot.ready = view
 
     def _wait(self, pending: _Pending):
         device = pending.keep_alive[0].device if pending.keep_alive and pending.keep_alive[0] is not None else None
@@ -120,21 +130,22 @@ class StaleExchange:
         shapes: Sequence[torch.Size],
         sync: bool,
         coalesce: bool = False,
+        kind: str = "other",
     ) -> list[torch.Tensor]:
         """Every member's tensor, in member order; `shapes[j]` is member j's shape."""
         shapes = [torch.Size(s) for s in shapes]
         if tuple(tensor.shape) != tuple(shapes[self.index]):
             raise ValueError(f"slot {name}: tensor {tuple(tensor.shape)} != declared {tuple(shapes[self.index])}")
-        slot = self._slot(name)
+        slot = self._slot(name, kind)
         if coalesce and not sync and slot.has_view:
             stale = self._fetch(slot)
             slot.ready = None
             self._bucket.append((slot, tensor.detach().reshape(-1).clone(), shapes))
             self.stats.event("stage", slot.name, self.stats.step)
             return stale
-        return self._run(slot, lambda: self._issue_all_gather([tensor], [shapes])[0], sync)
+        return self._run(slot, lambda: self._issue_all_gather([tensor], [shapes], [slot.kind])[0], sync)
 
-    def _issue_all_gather(self, tensors: list[torch.Tensor], shapes_list: list[list[torch.Size]]):
+    def _issue_all_gather(self, tensors: list[torch.Tensor], shapes_list: list[list[torch.Size]], kinds: list[str]):
         """One all-gather carrying several tensors; returns one _Pending per tensor."""
         widths = [max(s.numel() for s in shapes) for shapes in shapes_list]
         total = sum(widths)
@@ -148,9 +159,11 @@ class StaleExchange:
         recv = torch.empty(self.size * total, dtype=ref.dtype, device=ref.device)
         work = _all_gather_single(recv, send, group=self.group, async_op=True)
         elem = ref.element_size()
-        mine = sum(shapes[self.index].numel() for shapes in shapes_list)
-        others = sum(s.numel() for shapes in shapes_list for j, s in enumerate(shapes) if j != self.index)
-        self.stats.record_op(mine * elem * (self.size - 1), others * elem)
+        self.stats.record_op(0, 0)  # one operation; its bytes are counted per kind below
+        for shapes, kind in zip(shapes_list, kinds):
+            mine = shapes[self.index].numel() * elem * (self.size - 1)
+            others = sum(s.numel() for j, s in enumerate(shapes) if j != self.index) * elem
+            self.stats.record_bytes(mine, others, kind)
 
         pendings = []
         offset = 0
@@ -170,7 +183,9 @@ class StaleExchange:
             by_dtype.setdefault(item[1].dtype, []).append(item)
         self._bucket = []
         for items in by_dtype.values():
-            pendings = self._issue_all_gather([t for _, t, _ in items], [s for _, _, s in items])
+            pendings = self._issue_all_gather(
+                [t for _, t, _ in items], [s for _, _, s in items], [slot.kind for slot, _, _ in items]
+            )
             for (slot, _, _), pending in zip(items, pendings):
                 slot.pending = pending
                 self.stats.event("post", slot.name, pending.posted_step)
@@ -185,6 +200,7 @@ class StaleExchange:
         from_prev_shape: torch.Size | None,
         from_next_shape: torch.Size | None,
         sync: bool,
+        kind: str = "other",
     ):
         """Send to the previous/next member and receive theirs: (from_prev, from_next).
 
@@ -192,7 +208,7 @@ class StaleExchange:
         the receive buffers need no handshake. Members at the ends pass None. Received
         tensors take the dtype and device of `like`.
         """
-        slot = self._slot(name)
+        slot = self._slot(name, kind)
 
         def issue() -> _Pending:
             ops, sent, received = [], 0, 0
@@ -221,7 +237,7 @@ class StaleExchange:
                     received += nbytes(recv_next)
             works = dist.batch_isend_irecv(ops) if ops else []
             if ops:
-                self.stats.record_op(sent, received, ops=len(ops))
+                self.stats.record_op(sent, received, ops=len(ops), kind=slot.kind)
             return _Pending(works, lambda: (recv_prev, recv_next), self.stats.step, (send_prev, send_next))
 
         return self._run(slot, issue, sync)

@@ -2,7 +2,9 @@
 
 Bytes are payload bytes counted when an operation is issued, padding excluded. For an
 all-gather a rank *sends* its own payload to each of the other members and *receives*
-every other member's payload; for point-to-point the numbers are exact.
+every other member's payload; for point-to-point the numbers are exact. Bytes are also
+split by *kind* (what the layer exchanges: "kv", "halo", "gn", "output", ...), so a
+strategy's attention traffic can be compared with another's.
 """
 
 from __future__ import annotations
@@ -18,6 +20,16 @@ class StepStats:
     bytes_received: int = 0
     collectives: int = 0
     comm_wait_s: float = 0.0
+    by_kind: dict = field(default_factory=dict)  # kind -> [bytes sent, bytes received]
+
+    def add(self, bytes_sent: int, bytes_received: int, kind: str) -> None:
+        if not (bytes_sent or bytes_received):
+            return
+        self.bytes_sent += int(bytes_sent)
+        self.bytes_received += int(bytes_received)
+        pair = self.by_kind.setdefault(kind, [0, 0])
+        pair[0] += int(bytes_sent)
+        pair[1] += int(bytes_received)
 
     def as_dict(self) -> dict:
         return {
@@ -25,6 +37,7 @@ class StepStats:
             "bytes_received": self.bytes_received,
             "collectives": self.collectives,
             "comm_wait_s": self.comm_wait_s,
+            "bytes_by_kind": {k: {"sent": s, "received": r} for k, (s, r) in sorted(self.by_kind.items())},
         }
 
 
@@ -41,11 +54,14 @@ class CommStats:
     def _current(self) -> StepStats:
         return self.steps.setdefault(self.step, StepStats())
 
-    def record_op(self, bytes_sent: int, bytes_received: int, ops: int = 1) -> None:
+    def record_op(self, bytes_sent: int, bytes_received: int, ops: int = 1, kind: str = "other") -> None:
         cur = self._current()
-        cur.bytes_sent += int(bytes_sent)
-        cur.bytes_received += int(bytes_received)
+        cur.add(bytes_sent, bytes_received, kind)
         cur.collectives += ops
+
+    def record_bytes(self, bytes_sent: int, bytes_received: int, kind: str) -> None:
+        """Bytes of an operation already counted (one collective carrying several kinds)."""
+        self._current().add(bytes_sent, bytes_received, kind)
 
     @contextmanager
     def waiting(self, device=None):
@@ -93,8 +109,8 @@ class CommStats:
     def totals(self) -> StepStats:
         out = StepStats()
         for s in self.steps.values():
-            out.bytes_sent += s.bytes_sent
-            out.bytes_received += s.bytes_received
+            for kind, (sent, received) in s.by_kind.items():
+                out.add(sent, received, kind)
             out.collectives += s.collectives
             out.comm_wait_s += s.comm_wait_s
         return out

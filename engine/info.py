@@ -12,9 +12,9 @@ class ModelInfo:
     name: str
     pipeline: str
     vae_scale_factor: int
-    align: int  # latent rows per smallest patch band (denoiser downsampling factor)
+    align: int  # latent rows per smallest patch band (UNet downsampling factor; DiT: rows per token row)
     native_size: int  # default height/width in pixels
-    does_cfg: bool = True  # False for guidance-embedded UNets (LCM), which never batch uncond/cond
+    does_cfg: bool = True  # False for guidance-embedded models (LCM UNets, Flux): never batch uncond/cond
 
     @property
     def pixel_align(self) -> int:

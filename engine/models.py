@@ -45,14 +45,58 @@ def check_model_spec(model: str) -> None:
         raise ConfigError(f"model {model!r} looks like a hub id but HF_HUB_OFFLINE is set; use a preset or a local directory")
 
 
-def _info_from_configs(name: str, pipeline: str, unet: dict, vae: dict) -> ModelInfo:
+# DiT denoisers: latent rows per row of tokens. Flux packs 2x2 latents into one token.
+_TOKEN_ROWS = {
+    "PixArtTransformer2DModel": lambda c: c["patch_size"],
+    "SD3Transformer2DModel": lambda c: c["patch_size"],
+    "FluxTransformer2DModel": lambda c: 2 * c["patch_size"],
+}
+FLUX_DEFAULT_SAMPLE_SIZE = 128  # FluxPipeline's fixed default, whatever the transformer
+
+
+def _info_from_configs(name: str, pipeline: str, denoiser: str, config: dict, vae: dict) -> ModelInfo:
+    """ModelInfo from the denoiser's class name and config and the VAE config (dicts or
+    diffusers FrozenDicts)."""
     vae_factor = 2 ** (len(vae["block_out_channels"]) - 1)
-    # UNet2DConditionModel downsamples at the end of every down block but the last.
-    align = 2 ** (len(unet["down_block_types"]) - 1)
-    sample = unet["sample_size"]
+    if denoiser in _TOKEN_ROWS:
+        align = _TOKEN_ROWS[denoiser](config)
+        sample = config.get("sample_size", FLUX_DEFAULT_SAMPLE_SIZE)
+        # Flux never batches uncond + cond: guidance is embedded (or two separate true-CFG calls).
+        does_cfg = denoiser != "FluxTransformer2DModel"
+    else:
+        # UNet2DConditionModel downsamples at the end of every down block but the last.
+        align = 2 ** (len(config["down_block_types"]) - 1)
+        sample = config["sample_size"]
+        does_cfg = config.get("time_cond_proj_dim") is None
     sample = sample[0] if isinstance(sample, (list, tuple)) else sample
-    does_cfg = unet.get("time_cond_proj_dim") is None
     return ModelInfo(name, pipeline, vae_factor, align, sample * vae_factor, does_cfg)
+
+
+def denoiser_of(pipe):
+    """The pipeline's denoising network: its UNet or its transformer."""
+    for attr in ("unet", "transformer"):
+        denoiser = getattr(pipe, attr, None)
+        if denoiser is not None:
+            return denoiser
+    raise ConfigError(f"{type(pipe).__name__} has neither a unet nor a transformer")
+
+
+def pipeline_call_kwargs(pipe) -> dict:
+    """Arguments every call of this pipeline needs so that it generates exactly the requested
+    size and stays quiet: PixArt-style pipelines snap height/width to an aspect-ratio bin
+    (64x64 becomes 256x256 at sample_size 32) and default to clean_caption=True, which needs
+    bs4 and ftfy and otherwise logs a warning on every call."""
+    import inspect
+
+    params = inspect.signature(type(pipe).__call__).parameters
+    return {key: False for key in ("use_resolution_binning", "clean_caption") if key in params}
+
+
+def info_from_pipeline(name: str, pipe) -> ModelInfo:
+    """ModelInfo of a loaded pipeline, by the same rules as describe_model."""
+    denoiser = denoiser_of(pipe)
+    pipeline, kind = type(pipe).__name__, type(denoiser).__name__
+    return _info_from_configs(name, pipeline, kind, denoiser.config, pipe.vae.config)
 
 
 def describe_model(model: str) -> ModelInfo | None:
@@ -70,10 +114,12 @@ def describe_model(model: str) -> ModelInfo | None:
                 return json.load(f)
 
         try:
-            index, unet, vae = read("model_index.json"), read("unet", "config.json"), read("vae", "config.json")
-        except (OSError, KeyError, ValueError):
+            index, vae = read("model_index.json"), read("vae", "config.json")
+            config = read("unet" if "unet" in index else "transformer", "config.json")
+            pipeline, denoiser = index.get("_class_name", "?"), config.get("_class_name", "?")
+            return _info_from_configs(model, pipeline, denoiser, config, vae)
+        except (OSError, KeyError, ValueError):  # a layout or denoiser this does not know
             return None
-        return _info_from_configs(model, index.get("_class_name", "?"), unet, vae)
     return None
 
 
@@ -94,7 +140,7 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype | None = 
 
         path = _trained_dir(model) if model in TRAINED_PRESETS else model
         pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype)
-    if pipe.unet.dtype != dtype:
+    if denoiser_of(pipe).dtype != dtype:
         pipe.to(dtype=dtype)
     return pipe.to(device)
 

@@ -1,6 +1,7 @@
 """Built-in model presets.
 
-- Random presets (`tiny-sd`, `tiny-sdxl`) are built offline from configs with seeded random
+- Random presets (`tiny-sd`, `tiny-sdxl`; the DiTs `tiny-pixart`, `tiny-sd3`, `tiny-flux`
+  in `engine.presets_dit`) are built offline from configs with seeded random
   weights: every rank that builds one gets bit-identical weights (same seed, same
   construction order). They exist for fast exactness tests; their images are noise-like.
 - Trained presets (`shapes-sd`) are diffusers directories shipped in `engine/weights/`,
@@ -15,6 +16,7 @@ from typing import Callable
 import torch
 
 from engine.info import ModelInfo
+from engine.presets_dit import build_tiny_flux, build_tiny_pixart, build_tiny_sd3
 
 PRESET_SEED = 1234
 
@@ -62,7 +64,8 @@ def _clip_config(vocab_size: int, hidden: int = 32, projection_dim: int = 32):
     )
 
 
-def _tiny_vae():
+def _tiny_vae(latent_channels: int = 4, **config):
+    """`config`: further AutoencoderKL settings (scaling/shift factors, quant convs)."""
     from diffusers import AutoencoderKL
 
     # Four blocks: the usual factor-8 latent, with very few channels.
@@ -73,9 +76,10 @@ def _tiny_vae():
         up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(8, 16, 16, 16),
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=4,
         sample_size=64,
+        **config,
     )
 
 
@@ -172,14 +176,23 @@ def build_tiny_sdxl():
 PRESETS: dict[str, Callable] = {
     "tiny-sd": build_tiny_sd,
     "tiny-sdxl": build_tiny_sdxl,
+    "tiny-pixart": build_tiny_pixart,
+    "tiny-sd3": build_tiny_sd3,
+    "tiny-flux": build_tiny_flux,
 }
 
 
 # What request validation needs, known without building the weights (a test checks that
 # these agree with the built models): VAE factor 8, three UNet levels (factor 4), 256 px.
+# DiTs align to one row of tokens: the patch size, or 2 for Flux's 2x2 latent packing.
+# FluxPipeline's default size is 1024 px whatever the transformer (default_sample_size is
+# fixed at 128), and it never batches uncond + cond: FLUX.1-dev embeds the guidance scale.
 PRESET_INFO = {
     "tiny-sd": ModelInfo("tiny-sd", "StableDiffusionPipeline", 8, 4, 256),
     "tiny-sdxl": ModelInfo("tiny-sdxl", "StableDiffusionXLPipeline", 8, 4, 256),
+    "tiny-pixart": ModelInfo("tiny-pixart", "PixArtSigmaPipeline", 8, 2, 256),
+    "tiny-sd3": ModelInfo("tiny-sd3", "StableDiffusion3Pipeline", 8, 2, 256),
+    "tiny-flux": ModelInfo("tiny-flux", "FluxPipeline", 8, 2, 1024, does_cfg=False),
 }
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 from engine.models import ModelInfo, resolve_scheduler
 from parallel.bands import BandPlan
-from parallel.config import ConfigError, ParallelConfig
+from parallel.config import PATCH_STRATEGIES, ConfigError, ParallelConfig
 
 
 @dataclass(frozen=True)
@@ -89,13 +89,12 @@ def build_request(
     for what, size in (("height", height), ("width", width)):
         if size % vae:
             raise ConfigError(f"{what} {size} is not a multiple of {vae} (the VAE's downsampling factor)")
-    patch = parallel.strategy in ("patch", "patch-sync")
-    if patch:
+    if parallel.strategy in PATCH_STRATEGIES:
         for what, size in (("height", height), ("width", width)):
             if size % info.pixel_align:
                 raise ConfigError(
-                    f"{what} {size} is not a multiple of {info.pixel_align} (VAE factor {vae} x UNet "
-                    f"downsampling {info.align}), which patch parallelism needs"
+                    f"{what} {size} is not a multiple of {info.pixel_align} (VAE factor {vae} x "
+                    f"denoiser downsampling or patch size {info.align}), which patch parallelism needs"
                 )
 
     cfg_split = parallel.cfg_split
@@ -107,7 +106,7 @@ def build_request(
     elif cfg_split is None:
         cfg_split = guided and world > 1 and world % 2 == 0
     members = world // 2 if cfg_split else world
-    if patch:
+    if parallel.strategy in PATCH_STRATEGIES:
         BandPlan.split(height // vae, width // vae, members, info.align)  # raises on too many ranks
     return GenerateRequest(
         prompt=prompts,

@@ -16,11 +16,13 @@ import torch
 
 from comms import CommStats, Topology
 from comms.collectives import all_gather_object
-from engine.decode import decode_latents
+from engine.decode import decode_latents, decode_latents_parallel
 from engine.fidelity import compare
-from engine.models import ModelInfo, load_pipeline, resolve_scheduler
+from engine.latents import spatial_latents
+from engine.models import denoiser_of, info_from_pipeline, load_pipeline, pipeline_call_kwargs, resolve_scheduler
 from engine.request import GenerateRequest
 from parallel.context import PatchContext
+from parallel.vae import parallelize_vae
 from parallel.registry import backbone_of
 
 
@@ -71,24 +73,38 @@ class RankRuntime:
         self.ctx = PatchContext(topo, self.stats)
         backbone = backbone_of(self.pipe)
         backbone.install(self.pipe, self.ctx)
-        self.info = ModelInfo(
-            name=model,
-            pipeline=type(self.pipe).__name__,
-            vae_scale_factor=self.pipe.vae_scale_factor,
-            align=backbone.align,
-            native_size=self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor,
-            does_cfg=self.pipe.unet.config.time_cond_proj_dim is None,
-        )
+        self.denoiser = denoiser_of(self.pipe)
+        self.info = info_from_pipeline(model, self.pipe)
+        if self.info.align != backbone.align:  # validation and the parallel layers must agree
+            raise RuntimeError(f"{model}: band alignment {self.info.align} != {backbone.align} of the parallel layers")
         self._scheduler_config = self.pipe.scheduler.config
         self._default_scheduler = type(self.pipe.scheduler)
         self._check_same_weights()
+        self._install_parallel_decode()
+
+    def _install_parallel_decode(self) -> None:
+        """With several ranks, every rank decodes a row band of the final latents, with its
+        own PatchContext and byte counters (decode traffic is reported apart from denoising).
+        A VAE the band-parallel decoder cannot split is decoded by rank 0 alone."""
+        self.decode_stats = CommStats()
+        self.decode_ctx = None
+        if not self.topo.distributed:
+            return
+        ctx = PatchContext(self.topo, self.decode_stats)
+        try:
+            parallelize_vae(self.pipe.vae, ctx)
+        except NotImplementedError:
+            return
+        self.decode_ctx = ctx
 
     def _check_same_weights(self) -> None:
         """Every rank must hold the same model, or patches silently disagree."""
         if not self.topo.distributed:
             return
         with torch.no_grad():
-            fingerprint = float(sum(p.double().sum().item() for p in self.pipe.unet.parameters()))
+            # The VAE too: with a parallel decode every rank decodes a band of the image.
+            params = list(self.denoiser.parameters()) + list(self.pipe.vae.parameters())
+            fingerprint = float(sum(p.double().sum().item() for p in params))
         prints = all_gather_object((self.model, fingerprint))
         if len({round(f, 6) for _, f in prints}) != 1:
             raise RuntimeError(f"ranks loaded different models: {prints}")
@@ -104,9 +120,11 @@ class RankRuntime:
         fault = _injected_fault(self.topo.rank)
         if fault is not None:
             extra["callback_on_step_end"] = fault
+        extra.update(pipeline_call_kwargs(self.pipe))  # e.g. PixArt: exactly the requested size
+        if request.negative_prompt:  # pipelines differ in their default (PixArt needs a string, not None)
+            extra["negative_prompt"] = list(request.negative_prompt)
         out = self.pipe(
             prompt=list(request.prompt),
-            negative_prompt=list(request.negative_prompt) if request.negative_prompt else None,
             height=request.height,
             width=request.width,
             num_inference_steps=request.num_inference_steps,
@@ -161,11 +179,38 @@ class RankRuntime:
         }
         if cfg.trace_comms:
             part["trace"] = list(self.stats.trace)
-        # Gather before rank 0 decodes alone: peers must not sit in a collective meanwhile.
-        parts = all_gather_object(part) if self.topo.distributed else [part]
-        if rank != 0:
-            return RankOutput(None, None, {})
-        images = decode_latents(self.pipe, latents)
+        # Both decode paths need (B, C, H, W); Flux packs its latents into tokens.
+        spatial = spatial_latents(self.pipe, latents, request.height, request.width)
+        decode_start = time.perf_counter()
+        if self.decode_ctx is not None:
+            # Every rank decodes a row band of the final latents (identical on every rank:
+            # the denoiser's output is gathered everywhere), then the image bands are gathered.
+            self.decode_stats.reset()
+            images = decode_latents_parallel(self.pipe, spatial, self.decode_ctx)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                self.decode_stats.resolve_cuda_waits()
+            decode_s = time.perf_counter() - decode_start
+            dec = self.decode_stats.totals()
+            part.update(
+                decode_s=decode_s,
+                decode_comm_wait_s=dec.comm_wait_s,
+                decode_bytes_sent=dec.bytes_sent,
+                decode_bytes_received=dec.bytes_received,
+                decode_collectives=dec.collectives,
+                peak_mem_bytes=_peak_memory(device),  # denoise and decode
+            )
+            parts = all_gather_object(part)
+            if rank != 0:
+                return RankOutput(None, None, {})
+        else:
+            # Gather before rank 0 decodes alone: peers must not sit in a collective meanwhile.
+            parts = all_gather_object(part) if self.topo.distributed else [part]
+            if rank != 0:
+                return RankOutput(None, None, {})
+            decode_start = time.perf_counter()
+            images = decode_latents(self.pipe, spatial)
+            decode_s = time.perf_counter() - decode_start
         latency_s = time.perf_counter() - start
         report = {
             "model": self.model,
@@ -179,12 +224,15 @@ class RankRuntime:
             "seed": request.seed,
             "scheduler": scheduler,
             "warmup_steps": cfg.warmup_steps,
+            "pcpp_portion": cfg.pcpp_portion if cfg.strategy == "pcpp" else None,
             "gn_mode": cfg.gn_mode,
             "cfg_split": request.cfg_split,
             "device": str(device),
-            "dtype": str(self.pipe.unet.dtype).replace("torch.", ""),
+            "dtype": str(self.denoiser.dtype).replace("torch.", ""),
             "latency_s": latency_s,
             "denoise_s": denoise_s,
+            "decode_s": decode_s,
+            "decode": "parallel" if self.decode_ctx is not None else "serial",
             "per_rank": parts,
         }
         latents_np = latents.float().cpu().numpy()
@@ -199,7 +247,7 @@ class RankRuntime:
         start = time.perf_counter()
         ref_latents = self._denoise(request)
         serial_s = time.perf_counter() - start
-        ref_images = decode_latents(self.pipe, ref_latents)
+        ref_images = decode_latents(self.pipe, spatial_latents(self.pipe, ref_latents, request.height, request.width))
         metrics = compare(images, ref_images, latents, ref_latents.float().cpu().numpy())
         metrics["serial_denoise_s"] = serial_s
         return metrics

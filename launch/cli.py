@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--strategy", choices=STRATEGIES, default=None,
                      help="default: patch with several ranks, none with one")
     gen.add_argument("--warmup-steps", type=int, default=4)
+    gen.add_argument("--pcpp-portion", type=float, default=0.3,
+                     help="pcpp: share of each adjacent band's rows that self-attention sees")
     gen.add_argument("--gn-mode", choices=GN_MODES, default="corrected")
     cfg = gen.add_mutually_exclusive_group()
     cfg.add_argument("--cfg-split", dest="cfg_split", action="store_true", default=None,
@@ -80,6 +82,7 @@ def generate(args) -> int:
         strategy=strategy,
         world_size=world,
         warmup_steps=args.warmup_steps,
+        pcpp_portion=args.pcpp_portion,
         gn_mode=args.gn_mode,
         cfg_split=args.cfg_split,
         comm_timeout_s=args.timeout,

@@ -1,10 +1,16 @@
-"""Self-attention over a row band: local queries, keys/values of the whole image.
+"""Self-attention over a row band: local queries, keys/values chosen by the strategy.
 
-Each rank projects K and V of its own tokens only (tokens are row-major, so a band is a
+Each rank projects Q, K and V of its own tokens only (tokens are row-major, so a band is a
 contiguous slice of the sequence) and exchanges the projected K/V, never the hidden
-states, so no rank recomputes others' projections. In sync steps the full K/V is
-gathered fresh (exact); in stale steps the other bands' K/V come from the previous step
-and the rank's own K/V is always fresh (DistriFusion). Cross-attention stays local.
+states, so no rank recomputes others' projections (`parallel.kv` decides which bands'
+K/V are seen, fresh or stale). Text tokens (joint attention) are always local and fresh.
+Cross-attention stays the original processor.
+
+Three processors, one per attention family in diffusers:
+- `PatchSelfAttnProcessor`: AttnProcessor2_0 math (UNet self-attention, PixArt attn1).
+- `PatchJointAttnProcessor`: JointAttnProcessor2_0 (SD3): [image; text] in one softmax.
+- `PatchFluxAttnProcessor`: FluxAttnProcessor: [text; image] with rotary embeddings, in
+  double-stream blocks (text passed separately) and single-stream blocks (text in front).
 """
 
 from __future__ import annotations
@@ -12,14 +18,35 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from parallel.kv import band_kv
 
-class PatchSelfAttnProcessor:
-    """Attention processor for diffusers' `Attention` (the AttnProcessor2_0 math)."""
 
+def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """SDPA on (batch, tokens, heads, head_dim) tensors; returns (batch, tokens, heads * head_dim)."""
+    out = F.scaled_dot_product_attention(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), dropout_p=0.0, is_causal=False
+    )
+    return out.transpose(1, 2).flatten(2).to(query.dtype)
+
+
+def _exchange_image_kv(ctx, name: str, key: torch.Tensor, value: torch.Tensor):
+    """(batch, band tokens, heads, dim) K and V -> the K and V of the tokens attended to."""
+    heads = key.shape[2]
+    kv = torch.cat([key.flatten(2), value.flatten(2)], dim=-1)
+    full = band_kv(ctx, name, kv)
+    split = key.shape[2] * key.shape[3]
+    return full[..., :split].unflatten(-1, (heads, -1)), full[..., split:].unflatten(-1, (heads, -1))
+
+
+class _PatchProcessor:
     def __init__(self, ctx, name: str, original):
         self.ctx = ctx
         self.name = name
         self.original = original
+
+
+class PatchSelfAttnProcessor(_PatchProcessor):
+    """For diffusers' `Attention` run by AttnProcessor2_0 (self-attention only)."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         ctx = self.ctx
@@ -35,25 +62,18 @@ class PatchSelfAttnProcessor:
         if input_ndim == 4:
             batch, channel, height, width = hidden_states.shape
             hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
-        batch, tokens, _ = hidden_states.shape
-
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
-        key, value = self._full_kv(key, value, tokens)
 
         heads = attn.heads
-        head_dim = key.shape[-1] // heads
-        query = query.view(batch, -1, heads, head_dim).transpose(1, 2)
-        key = key.view(batch, -1, heads, head_dim).transpose(1, 2)
-        value = value.view(batch, -1, heads, value.shape[-1] // heads).transpose(1, 2)
+        query = attn.to_q(hidden_states).unflatten(-1, (heads, -1))
+        key = attn.to_k(hidden_states).unflatten(-1, (heads, -1))
+        value = attn.to_v(hidden_states).unflatten(-1, (heads, -1))
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
+        key, value = _exchange_image_kv(ctx, self.name, key, value)
 
-        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
-        out = out.transpose(1, 2).reshape(batch, -1, out.shape[1] * out.shape[-1]).to(query.dtype)
+        out = _attend(query, key, value)
         out = attn.to_out[1](attn.to_out[0](out))
         if input_ndim == 4:
             out = out.transpose(-1, -2).reshape(batch, channel, height, width)
@@ -61,15 +81,85 @@ class PatchSelfAttnProcessor:
             out = out + residual
         return out / attn.rescale_output_factor
 
-    def _full_kv(self, key: torch.Tensor, value: torch.Tensor, tokens: int):
-        """K and V of every band in row order: own fresh, others fresh (sync) or stale."""
+
+class PatchJointAttnProcessor(_PatchProcessor):
+    """For SD3's joint attention: image queries and keys of the band, text ones whole."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         ctx = self.ctx
-        plan, index = ctx.plan, ctx.index
-        scale = plan.scale_for_tokens(index, tokens)
-        kv = torch.cat([key, value], dim=-1)
-        cols = plan.width // scale
-        shapes = [torch.Size((kv.shape[0], plan.rows(j, scale) * cols, kv.shape[-1])) for j in range(plan.members)]
-        parts = ctx.exchange.all_gather(self.name, kv, shapes, sync=ctx.sync)
-        parts = [kv if j == index else p for j, p in enumerate(parts)]
-        full = torch.cat(parts, dim=1)
-        return full[..., : key.shape[-1]], full[..., key.shape[-1] :]
+        if not ctx.splits_rows:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        if attention_mask is not None:
+            raise NotImplementedError(f"{self.name}: masked joint attention is not patch-parallel")
+
+        heads = attn.heads
+        query = attn.to_q(hidden_states).unflatten(-1, (heads, -1))
+        key = attn.to_k(hidden_states).unflatten(-1, (heads, -1))
+        value = attn.to_v(hidden_states).unflatten(-1, (heads, -1))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        key, value = _exchange_image_kv(ctx, self.name, key, value)
+
+        image_tokens = hidden_states.shape[1]
+        if encoder_hidden_states is not None:  # [image; text], as the serial processor orders them
+            text_q = attn.add_q_proj(encoder_hidden_states).unflatten(-1, (heads, -1))
+            text_k = attn.add_k_proj(encoder_hidden_states).unflatten(-1, (heads, -1))
+            text_v = attn.add_v_proj(encoder_hidden_states).unflatten(-1, (heads, -1))
+            if attn.norm_added_q is not None:
+                text_q = attn.norm_added_q(text_q)
+            if attn.norm_added_k is not None:
+                text_k = attn.norm_added_k(text_k)
+            query = torch.cat([query, text_q], dim=1)
+            key = torch.cat([key, text_k], dim=1)
+            value = torch.cat([value, text_v], dim=1)
+
+        out = _attend(query, key, value)
+        image, text = out[:, :image_tokens], out[:, image_tokens:]
+        image = attn.to_out[1](attn.to_out[0](image))
+        if encoder_hidden_states is None:
+            return image
+        if not attn.context_pre_only:
+            text = attn.to_add_out(text)
+        return image, text
+
+
+class PatchFluxAttnProcessor(_PatchProcessor):
+    """For Flux's attention. Rotary embeddings are applied before the exchange, so every
+    key carries its own global position (the rank's rotary table covers its band only)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        ctx = self.ctx
+        if not ctx.splits_rows:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        if attention_mask is not None:
+            raise NotImplementedError(f"{self.name}: masked attention is not patch-parallel")
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        query = attn.norm_q(attn.to_q(hidden_states).unflatten(-1, (-1, attn.head_dim)))
+        key = attn.norm_k(attn.to_k(hidden_states).unflatten(-1, (-1, attn.head_dim)))
+        value = attn.to_v(hidden_states).unflatten(-1, (-1, attn.head_dim))
+        if encoder_hidden_states is not None:  # double-stream block: [text; image]
+            text_tokens = encoder_hidden_states.shape[1]
+            text_q = attn.norm_added_q(attn.add_q_proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim)))
+            text_k = attn.norm_added_k(attn.add_k_proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim)))
+            text_v = attn.add_v_proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim))
+            query = torch.cat([text_q, query], dim=1)
+            key = torch.cat([text_k, key], dim=1)
+            value = torch.cat([text_v, value], dim=1)
+        else:  # single-stream block: the text tokens are already in front
+            text_tokens = ctx.text_tokens
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+        image_k, image_v = _exchange_image_kv(ctx, self.name, key[:, text_tokens:], value[:, text_tokens:])
+        key = torch.cat([key[:, :text_tokens], image_k], dim=1)
+        value = torch.cat([value[:, :text_tokens], image_v], dim=1)
+        out = _attend(query, key, value)
+        if encoder_hidden_states is None:
+            return out
+        text, image = out[:, :text_tokens], out[:, text_tokens:]
+        image = attn.to_out[1](attn.to_out[0](image.contiguous()))
+        return image, attn.to_add_out(text.contiguous())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 from parallel.config import ConfigError
 
@@ -52,12 +53,20 @@ class BandPlan:
         """Share of the pixels each band holds (the same at every level)."""
         return [(e - s) / self.height for s, e in zip(self.starts, self.ends)]
 
-    def scale_for_rows(self, index: int, local_rows: int) -> int:
-        """The downsampling scale of a feature map whose local band has `local_rows` rows."""
+    def scale_for_rows(self, index: int, local_rows: int) -> int | Fraction:
+        """Latent rows per feature-map row for a map whose local band has `local_rows` rows.
+
+        An int (1, 2, 4 ...) at the latent resolution and downsampled levels; a Fraction
+        below one (1/2, 1/4 ...) at upsampled levels (a VAE decoder). Either way
+        `height // scale`, `starts[i] // scale` and `rows(i, scale)` are exact row counts
+        at that level, so the band heights add up to the serial height there too.
+        """
         full = self.rows(index)
-        if local_rows <= 0 or full % local_rows:
-            raise RuntimeError(f"feature map with {local_rows} rows does not match band of {full} rows")
-        return full // local_rows
+        if local_rows > 0 and full % local_rows == 0:
+            return full // local_rows
+        if local_rows > 0 and local_rows % full == 0:
+            return Fraction(1, local_rows // full)
+        raise RuntimeError(f"feature map with {local_rows} rows does not match band of {full} rows")
 
     def scale_for_tokens(self, index: int, local_tokens: int) -> int:
         """The scale of a token sequence (row-major band of a feature map)."""

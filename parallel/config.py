@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-STRATEGIES = ("none", "patch", "patch-sync")
+STRATEGIES = ("none", "patch", "patch-sync", "pcpp")
+PATCH_STRATEGIES = ("patch", "patch-sync", "pcpp")  # those that split the latent into row bands
 GN_MODES = ("corrected", "sync")
 
 
@@ -17,9 +18,14 @@ class ParallelConfig:
     """
     strategy:      "none" (serial diffusers), "patch" (displaced patch parallelism with
                    stale neighbour activations) or "patch-sync" (same layers, every
-                   exchange fresh: equal to serial up to float reassociation).
+                   exchange fresh: equal to serial up to float reassociation) or "pcpp"
+                   (partially conditioned patch parallelism: after warm-up, self-attention
+                   sees its own band plus only the adjacent `pcpp_portion` of each
+                   neighbouring band, stale; convs and GroupNorm as in "patch").
     world_size:    number of ranks; None takes it from torchrun's environment, else 1.
-    warmup_steps:  synchronous UNet evaluations before staleness starts ("patch").
+    warmup_steps:  synchronous denoiser evaluations before staleness starts ("patch", "pcpp").
+    pcpp_portion:  share (0, 1] of each adjacent band's rows that "pcpp" attends to: the
+                   last rows of the band above and the first rows of the band below.
     gn_mode:       "corrected" (stale global GroupNorm statistics corrected with fresh
                    local ones) or "sync" (exact all-gather of statistics every step).
     cfg_split:     put the unconditional and conditional halves of a guided batch on two
@@ -32,6 +38,7 @@ class ParallelConfig:
     strategy: str = "patch"
     world_size: int | None = None
     warmup_steps: int = 4
+    pcpp_portion: float = 0.3
     gn_mode: str = "corrected"
     cfg_split: bool | None = None
     comm_timeout_s: float = 120.0
@@ -46,10 +53,13 @@ class ParallelConfig:
         if self.strategy == "none" and (self.world_size or 1) > 1:
             raise ConfigError(
                 f"strategy 'none' runs on one rank, but world_size is {self.world_size}; "
-                "use 'patch' or 'patch-sync' for several ranks"
+                "use 'patch', 'patch-sync' or 'pcpp' for several ranks"
             )
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps must be a non-negative integer, got {self.warmup_steps!r}")
+        portion = self.pcpp_portion
+        if isinstance(portion, bool) or not isinstance(portion, (int, float)) or not 0.0 < portion <= 1.0:
+            raise ConfigError(f"pcpp_portion must be a number in (0, 1], got {portion!r}")
         if self.gn_mode not in GN_MODES:
             raise ConfigError(f"unknown gn_mode {self.gn_mode!r}; choose one of {', '.join(GN_MODES)}")
         if self.cfg_split is not None and not isinstance(self.cfg_split, bool):

@@ -37,6 +37,7 @@ class PatchContext:
         self.step = -1
         self._exchanges: dict = {}
         self.full_shape = None  # the UNet input's full (batch, channels, rows, cols) this step
+        self.text_tokens = 0  # text tokens in front of the image tokens (Flux single-stream blocks)
         self._weights: dict = {}
         self.world_exchange = (
             StaleExchange(topo.world, range(topo.world_size), topo.rank, stats) if topo.distributed else None
@@ -83,6 +84,11 @@ class PatchContext:
         """Whether this step's exchanges are fresh and blocking."""
         cfg = self.layout.config
         return cfg.strategy == "patch-sync" or self.step < cfg.warmup_steps
+
+    @property
+    def pcpp(self) -> bool:
+        """Partially conditioned attention (after warm-up: own band + adjacent boundary rows)."""
+        return self.layout.config.strategy == "pcpp"
 
     @property
     def gn_sync(self) -> bool:

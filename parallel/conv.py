@@ -37,6 +37,7 @@ class HaloConv2d(SwappedLayer, nn.Conv2d):
             from_prev_shape=None if first else torch.Size((b, c, above, w)),
             from_next_shape=None if last else torch.Size((b, c, below, w)),
             sync=ctx.sync,
+            kind="halo",
         )
         if first:
             from_prev = x.new_zeros(b, c, above, w)

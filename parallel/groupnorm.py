@@ -31,7 +31,7 @@ class PatchGroupNorm(SwappedLayer, nn.GroupNorm):
         local = torch.stack([mean, var], dim=-1)  # (b, g, 2), float32 whatever the model dtype
 
         gathered = ctx.exchange.all_gather(
-            self._tessera_name, local, [local.shape] * ctx.members, sync=ctx.gn_sync, coalesce=True
+            self._tessera_name, local, [local.shape] * ctx.members, sync=ctx.gn_sync, coalesce=True, kind="gn"
         )
         stats = torch.stack([local if j == ctx.index else t for j, t in enumerate(gathered)])  # (m, b, g, 2)
         weights = ctx.band_weights(x.device).view(-1, 1, 1)

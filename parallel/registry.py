@@ -1,4 +1,4 @@
-"""From a strategy name and a pipeline to the parallel implementation that serves it."""
+"""From a pipeline to the parallel implementation of its denoiser."""
 
 from __future__ import annotations
 
@@ -7,15 +7,17 @@ from typing import Callable
 
 from parallel.config import ConfigError
 from parallel.context import PatchContext
-from parallel.unet import downsampling_factor, parallelize_unet
+
+# Transformer classes whose self-attention processors parallel.dit knows.
+TRANSFORMERS = ("PixArtTransformer2DModel", "SD3Transformer2DModel", "FluxTransformer2DModel")
 
 
 @dataclass(frozen=True)
 class Backbone:
     """How a pipeline's denoiser is made patch-parallel."""
 
-    kind: str
-    align: int  # latent rows per smallest band (the denoiser's downsampling factor)
+    kind: str  # "unet" or "transformer"
+    align: int  # latent rows per smallest band (UNet downsampling factor; DiT rows per token row)
     install: Callable[[object, PatchContext], None]
 
 
@@ -24,8 +26,17 @@ def backbone_of(pipe) -> Backbone:
 
     unet = getattr(pipe, "unet", None)
     if isinstance(unet, UNet2DConditionModel):
+        from parallel.unet import downsampling_factor, parallelize_unet
+
         return Backbone("unet", downsampling_factor(unet), lambda p, ctx: parallelize_unet(p.unet, ctx))
+    transformer = getattr(pipe, "transformer", None)
+    if type(transformer).__name__ in TRANSFORMERS:
+        from parallel.dit import parallelize_transformer, token_scale
+
+        return Backbone(
+            "transformer", token_scale(transformer), lambda p, ctx: parallelize_transformer(p.transformer, ctx)
+        )
     raise ConfigError(
-        f"{type(pipe).__name__} has no UNet2DConditionModel; patch parallelism supports UNet pipelines "
-        "(SD 1.x/2.x, SDXL)"
+        f"{type(pipe).__name__}: patch parallelism supports UNet2DConditionModel pipelines (SD 1.x/2.x, SDXL) "
+        f"and the transformers {', '.join(TRANSFORMERS)}"
     )

@@ -4,8 +4,8 @@
   patch-aware versions (weights, names and state_dict keys are untouched).
 - Self-attention gets a patch-aware attention processor.
 - A forward pre-hook cuts the UNet input to this rank's CFG half (batch) and row band;
-  a forward hook gathers every rank's output band back into the full prediction, so the
-  unmodified diffusers pipeline (guidance, scheduler) runs unchanged on every rank.
+  a forward hook gathers every rank's output band back into the full prediction
+  (`parallel.split`), so the unmodified diffusers pipeline runs unchanged on every rank.
 
 Nothing here is specific to a diffusers version beyond the public module classes and
 `set_attn_processor`.
@@ -22,6 +22,7 @@ from parallel.attention import PatchSelfAttnProcessor
 from parallel.context import PatchContext
 from parallel.conv import HaloConv2d, can_halo
 from parallel.groupnorm import PatchGroupNorm
+from parallel.split import gather_pieces, take_cfg_half
 
 # UNet forward arguments whose first dimension is the batch.
 _BATCHED = ("sample", "encoder_hidden_states", "timestep_cond", "class_labels", "attention_mask", "encoder_attention_mask")
@@ -65,39 +66,18 @@ def parallelize_unet(unet: nn.Module, ctx: PatchContext) -> None:
     unet.register_forward_hook(_make_post_hook(ctx), with_kwargs=True)
 
 
-def _slice_batch(value, lo: int, hi: int, batch: int):
-    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
-        return value[lo:hi]
-    return value
-
-
 def _make_pre_hook(ctx: PatchContext, signature):
     def pre_hook(module, args, kwargs):
         if not ctx.enabled:
             return None
         ctx.begin_step()
-        bound = signature.bind(*args, **kwargs)
-        arguments = dict(bound.arguments)
+        arguments = dict(signature.bind(*args, **kwargs).arguments)
         sample = arguments["sample"]
-        batch = sample.shape[0]
         ctx.full_shape = tuple(sample.shape)
-        layout = ctx.layout
-        if layout.cfg_split:
-            if batch % 2:
-                raise RuntimeError(f"CFG split needs an even UNet batch, got {batch}")
-            half = batch // 2
-            lo, hi = layout.group_index * half, (layout.group_index + 1) * half
-            for name in _BATCHED + ("timestep",):
-                if name in arguments:
-                    arguments[name] = _slice_batch(arguments[name], lo, hi, batch)
-            if arguments.get("added_cond_kwargs"):
-                arguments["added_cond_kwargs"] = {
-                    k: _slice_batch(v, lo, hi, batch) for k, v in arguments["added_cond_kwargs"].items()
-                }
+        take_cfg_half(arguments, ctx.layout, sample.shape[0], _BATCHED + ("timestep",), nested=("added_cond_kwargs",))
         if ctx.splits_rows:
-            plan = layout.plan
-            start, end = plan.starts[ctx.index], plan.ends[ctx.index]
-            arguments["sample"] = arguments["sample"][:, :, start:end]
+            plan = ctx.plan
+            arguments["sample"] = arguments["sample"][:, :, plan.starts[ctx.index] : plan.ends[ctx.index]]
         return (), arguments
 
     return pre_hook
@@ -120,19 +100,4 @@ def _make_post_hook(ctx: PatchContext):
 
 def gather_prediction(ctx: PatchContext, local: torch.Tensor) -> torch.Tensor:
     """Every rank's (CFG half, row band) of the prediction, assembled into the full tensor."""
-    if ctx.world_exchange is None:
-        return local
-    layout, topo = ctx.layout, ctx.topo
-    batch, _, height, width = ctx.full_shape
-    channels = local.shape[1]  # the output may have other channels than the input
-    half = batch // 2 if layout.cfg_split else batch
-    group_size = layout.plan.members
-    shapes = []
-    for rank in range(topo.world_size):
-        band = rank % group_size if layout.cfg_split else rank
-        shapes.append(torch.Size((half, channels, layout.plan.rows(band), width)))
-    parts = ctx.world_exchange.all_gather("unet.output", local.contiguous(), shapes, sync=True)
-    if not layout.cfg_split:
-        return torch.cat(parts, dim=2)
-    halves = [torch.cat(parts[g * group_size : (g + 1) * group_size], dim=2) for g in range(2)]
-    return torch.cat(halves, dim=0)
+    return gather_pieces(ctx, local, dim=2, band_size=ctx.layout.plan.rows)

@@ -45,7 +45,7 @@ def test_stale_exchange_is_posted_in_step_t_and_waited_in_step_t_plus_1(pool):
         parallel=ParallelConfig(strategy="patch", cfg_split=False, warmup_steps=warmup, trace_comms=True),
     )
     for part in r.report["per_rank"]:
-        trace = [e for e in part["trace"] if e["slot"] != "unet.output"]  # output gather: always sync
+        trace = [e for e in part["trace"] if e["slot"] != "prediction"]  # output gather: always sync
         assert {e["step"] for e in trace if e["event"] == "sync"} == set(range(warmup))
         posts = [(i, e) for i, e in enumerate(trace) if e["event"] == "post"]
         waits = [e for e in trace if e["event"] == "wait"]

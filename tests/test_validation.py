@@ -13,14 +13,14 @@ from engine.request import build_request
 from launch.cli import main
 from launch.worker import RankFailedError
 
-INFO = describe_model("tiny-sd")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _req(world=2, strategy="patch", cfg_split=None, **kw):
+def _req(world=2, strategy="patch", cfg_split=None, pcpp_portion=0.3, model="tiny-sd", **kw):
     args = dict(prompt="x", height=256, width=256, num_inference_steps=4, guidance_scale=5.0, seed=0)
     args.update(kw)
-    return build_request(INFO, ParallelConfig(strategy=strategy, world_size=world, cfg_split=cfg_split), **args)
+    config = ParallelConfig(strategy=strategy, world_size=world, cfg_split=cfg_split, pcpp_portion=pcpp_portion)
+    return build_request(describe_model(model), config, **args)
 
 
 @pytest.mark.parametrize(
@@ -39,6 +39,12 @@ def _req(world=2, strategy="patch", cfg_split=None, **kw):
         (dict(scheduler="NotAScheduler"), "unknown scheduler"),
         (dict(strategy="none"), "runs on one rank"),
         (dict(world=3, cfg_split=1), "True, False or None"),
+        (dict(strategy="pcpp", pcpp_portion=0.0), "pcpp_portion must be a number in"),
+        (dict(strategy="pcpp", pcpp_portion=1.5), "pcpp_portion must be a number in"),
+        (dict(strategy="pcpp", width=264), "not a multiple of 32"),
+        (dict(model="tiny-pixart", height=136), "not a multiple of 16"),  # whole rows of 2x2 patches
+        (dict(model="tiny-flux", cfg_split=True), "needs classifier-free guidance"),  # guidance is embedded
+        (dict(model="tiny-sd3", world=17, cfg_split=False), "only 16 bands"),
     ],
 )
 def test_bad_request_is_rejected_with_a_clear_message(kwargs, message):
@@ -60,7 +66,7 @@ def test_unknown_model_is_rejected_before_any_rank_starts():
 
 
 def test_preset_description_matches_the_built_model(pool):
-    for model in ("tiny-sd", "tiny-sdxl"):
+    for model in ("tiny-sd", "tiny-sdxl", "tiny-pixart", "tiny-sd3", "tiny-flux"):
         assert pool.serial_engine(model).info == describe_model(model)
 
 
@@ -72,6 +78,7 @@ def test_preset_description_matches_the_built_model(pool):
         ["--model", "nope"],
         ["--nproc", "2", "--cfg-split", "--guidance", "1"],
         ["--steps", "-1"],
+        ["--nproc", "2", "--strategy", "pcpp", "--pcpp-portion", "0"],
     ],
 )
 def test_cli_bad_input_exits_nonzero_with_one_line(argv, capsys):

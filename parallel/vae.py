@@ -1,0 +1,141 @@
+"""Parallel VAE decode: every rank decodes a row band of the latent, exactly.
+
+The decoder of a diffusers `AutoencoderKL` (and its post_quant_conv) is made band-aware
+by composition, like the UNet in `parallel/unet.py`, with its own `PatchContext` (not the
+denoiser's), always in the exact configuration (`patch-sync`, one group of all ranks):
+
+- 3x3 convs become `HaloConv2d`: one row from each neighbour at that level's resolution.
+  The decoder upsamples 2x per up block, so the band's scale there is a Fraction
+  (`BandPlan.scale_for_rows`); band heights times 2^k add up to the serial height.
+- GroupNorms (resnets, conv_norm_out and the attention's own group_norm) become
+  `PatchGroupNorm`: band statistics all-gathered, pooled variance (exact).
+- The mid-block self-attention gets `DecodeSelfAttnProcessor`: local queries, K/V of
+  every band gathered fresh in row order.
+- Nearest upsampling, 1x1 convs, activations and linear layers are row-local.
+
+Latent rows are the unit of the bands (align 1: the decoder never downsamples), and the
+image band of a rank is its latent band times the VAE scale factor. Without an active
+decode (the context disabled) every swapped layer is exactly the original, so serial
+decode keeps working on the same modules.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from parallel.context import PatchContext
+from parallel.conv import HaloConv2d, can_halo
+from parallel.groupnorm import PatchGroupNorm
+
+
+class DecodeSelfAttnProcessor:
+    """AttnProcessor2_0's math for the VAE's self-attention (group_norm, residual
+    connection) over a row band, with the K/V of all bands gathered fresh."""
+
+    def __init__(self, ctx: PatchContext, name: str, original):
+        self.ctx = ctx
+        self.name = name
+        self.original = original
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        ctx = self.ctx
+        if not ctx.splits_rows or encoder_hidden_states is not None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        if attention_mask is not None or hidden_states.ndim != 4:
+            raise NotImplementedError(f"{self.name}: masked or sequence-shaped VAE attention is not band-parallel")
+
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        batch, channel, height, width = hidden_states.shape
+        hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        if attn.group_norm is not None:  # a PatchGroupNorm: global statistics
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+        key, value = self._full_kv(key, value, height, width)
+
+        heads = attn.heads
+        head_dim = key.shape[-1] // heads
+        query = query.view(batch, -1, heads, head_dim).transpose(1, 2)
+        key = key.view(batch, -1, heads, head_dim).transpose(1, 2)
+        value = value.view(batch, -1, heads, value.shape[-1] // heads).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        out = out.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+    def _full_kv(self, key: torch.Tensor, value: torch.Tensor, height: int, width: int):
+        """K and V of every band in row order (all fresh: decode is synchronous)."""
+        ctx = self.ctx
+        plan, index = ctx.plan, ctx.index
+        scale = plan.scale_for_rows(index, height)  # 1 in the mid block; exact at any level
+        kv = torch.cat([key, value], dim=-1)
+        shapes = [torch.Size((kv.shape[0], plan.rows(j, scale) * width, kv.shape[-1])) for j in range(plan.members)]
+        parts = ctx.exchange.all_gather(self.name, kv, shapes, sync=True, kind="kv")
+        parts = [kv if j == index else p for j, p in enumerate(parts)]
+        full = torch.cat(parts, dim=1)
+        return full[..., : key.shape[-1]], full[..., key.shape[-1] :]
+
+
+def _check(module: nn.Module, name: str) -> None:
+    if isinstance(module, nn.ConvTranspose2d):
+        raise NotImplementedError(f"{name}: transposed convs are not band-parallel")
+    if isinstance(module, nn.Conv2d) and module.kernel_size[0] > 1 and not (
+        type(module) is nn.Conv2d and can_halo(module) and module.stride[0] == 1
+    ):
+        raise NotImplementedError(
+            f"{name}: {type(module).__name__}(kernel={module.kernel_size}, padding={module.padding}, "
+            f"stride={module.stride}) crosses band boundaries in a way parallel decode does not handle"
+        )
+    if _is_attention(module) and getattr(module, "is_cross_attention", False):
+        raise NotImplementedError(f"{name}: cross-attention in a VAE decoder")
+
+
+def _is_attention(module: nn.Module) -> bool:
+    return hasattr(module, "set_processor") and hasattr(module, "processor")  # diffusers Attention
+
+
+def parallelize_vae(vae: nn.Module, ctx: PatchContext) -> None:
+    """Swap the band-aware layers into `vae.decoder` and `vae.post_quant_conv` (the
+    encoder is untouched). `ctx` must be a PatchContext of its own, used only by
+    `engine.decode.decode_float_parallel`. Raises NotImplementedError, before changing
+    anything, on a decoder it cannot split (callers then decode serially)."""
+    if getattr(vae, "_tessera_decode_ctx", None) is not None:
+        raise RuntimeError("this VAE is already parallelized")
+    decoder = getattr(vae, "decoder", None)
+    if decoder is None or not isinstance(getattr(decoder, "conv_norm_out", None), nn.GroupNorm):
+        # e.g. AutoencoderTiny, or SpatialNorm decoders (MoVQ)
+        raise NotImplementedError(
+            f"{type(vae).__name__}: only GroupNorm AutoencoderKL-style decoders are band-parallel"
+        )
+    modules = [("decoder." + n, m) for n, m in decoder.named_modules()]
+    if getattr(vae, "post_quant_conv", None) is not None:
+        modules.append(("post_quant_conv", vae.post_quant_conv))
+    for name, module in modules:
+        _check(module, name)
+    for name, module in modules:
+        if type(module) is nn.Conv2d and can_halo(module):
+            module.__class__ = HaloConv2d
+        elif type(module) is nn.GroupNorm:  # incl. the attention's own group_norm
+            module.__class__ = PatchGroupNorm
+        elif _is_attention(module):
+            module.set_processor(DecodeSelfAttnProcessor(ctx, name + ".processor", module.processor))
+            continue
+        else:
+            continue
+        module._tessera_ctx = ctx
+        module._tessera_name = name
+    vae._tessera_decode_ctx = ctx
