@@ -9,6 +9,9 @@ Three ways to run, chosen from the environment and the world size:
   result holds the images, other ranks get an empty result;
 - `world_size=N` from one process: N local worker ranks are spawned and driven;
 - world size 1: plain serial diffusers in this process, the reference.
+
+`launcher="ray"` runs the N ranks as Ray actors instead (one node or a cluster); requests
+from several threads are served one at a time, in arrival order, on any launcher.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -55,10 +59,15 @@ def _json_safe(value):
     return value
 
 
-def _check_device(device, world: int, local_ranks: int | None) -> None:
-    """Devices are chosen per rank from its local rank; refuse what cannot work."""
+def _check_device(device, world: int, local_ranks: int | None, cluster: bool = False) -> None:
+    """Devices are chosen per rank from its local rank; refuse what cannot work. On a Ray
+    cluster the GPUs are counted by the launcher, not on the driver's machine."""
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type == "cuda":
+        if cluster:
+            if dev.index is not None and world > 1:
+                raise ConfigError(f"device {device!r} names one GPU for {world} ranks; pass 'cuda'")
+            return
         if not torch.cuda.is_available():
             raise ConfigError(f"device {device!r} was asked for, but CUDA is not available on this machine")
         if dev.index is not None and world > 1:
@@ -107,14 +116,18 @@ class _InProcess:
         groups.shutdown()
 
 
+LAUNCHERS = ("local", "ray")
+
+
 class Engine:
     def __init__(self, model: str, parallel: ParallelConfig, backend, launch: str):
         self.model = model
         self.parallel = parallel
         self._backend = backend
-        self.launch = launch  # "serial", "torchrun" or "local"
+        self.launch = launch  # "serial", "torchrun", "local" or "ray"
         self.info = backend.info
-        self._spawn_args = None
+        self._respawn = None  # rebuilds a launched rank group (local or Ray)
+        self._lock = threading.Lock()  # one request at a time, in arrival order
 
     @classmethod
     def from_pretrained(
@@ -123,15 +136,29 @@ class Engine:
         parallel: ParallelConfig | None = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
+        launcher: str = "local",
+        address: str | None = None,
     ) -> "Engine":
-        """Load `model` (preset, local directory or hub id) on every rank of the world."""
+        """Load `model` (preset, local directory or hub id) on every rank of the world.
+
+        `launcher`: "local" (spawned processes on this machine) or "ray" (Ray actors; `address`
+        names a running cluster, else RAY_ADDRESS, else a private one-node cluster is started).
+        Under torchrun, or with one rank, the launcher is not used."""
         check_model_spec(model)
+        if launcher not in LAUNCHERS:
+            raise ConfigError(f"unknown launcher {launcher!r}; choose one of {', '.join(LAUNCHERS)}")
+        if address is not None and launcher != "ray":
+            raise ConfigError("address names a Ray cluster; it needs launcher='ray'")
         env = groups.env_world()
+        if env is not None and env[1] > 1 and launcher == "ray":
+            raise ConfigError("launcher='ray' starts its own ranks; do not run it under torchrun")
         if parallel is None:
             world = env[1] if env else 1
             parallel = ParallelConfig(strategy="patch" if world > 1 else "none", world_size=world)
         parallel = parallel.validate()
-        _check_device(device, env[1] if env else parallel.world_size or 1, local_ranks=1 if env else None)
+        ray = launcher == "ray"
+        _check_device(device, env[1] if env else parallel.world_size or 1,
+                      local_ranks=1 if env or ray else None, cluster=ray)
         if env is not None and env[1] > 1:
             rank, world, local_rank = env
             if parallel.world_size not in (None, world):
@@ -142,10 +169,18 @@ class Engine:
         parallel = replace(parallel, world_size=world)
         if world == 1:
             return cls(model, parallel, _InProcess(model, parallel, 0, 1, 0, device, dtype), "serial")
-        from launch.local import LocalLauncher
+        if ray:
+            from launch.ray_launcher import RayLauncher
 
-        engine = cls(model, parallel, LocalLauncher(model, parallel, world, device, dtype), "local")
-        engine._spawn_args = (model, parallel, world, device, dtype)
+            def respawn():
+                return RayLauncher(model, parallel, world, device, dtype, address=address)
+        else:
+            from launch.local import LocalLauncher
+
+            def respawn():
+                return LocalLauncher(model, parallel, world, device, dtype)
+        engine = cls(model, parallel, respawn(), launcher)
+        engine._respawn = respawn
         return engine
 
     @property
@@ -186,7 +221,8 @@ class Engine:
             compare_serial=compare_serial,
             progress=progress,
         )
-        output = self._backend.run(request)
+        with self._lock:
+            output = self._backend.run(request)
         if output.images is None:
             return GenerateResult(report=output.report)
         from PIL import Image
@@ -199,13 +235,13 @@ class Engine:
         )
 
     def restart(self) -> None:
-        """Bring a failed local rank group back (a torchrun job restarts through torchrun)."""
-        if self._spawn_args is None:
-            raise RuntimeError("restart() applies to engines with locally spawned ranks")
-        from launch.local import LocalLauncher
-
-        self._backend.close()
-        self._backend = LocalLauncher(*self._spawn_args)
+        """Bring a failed rank group back: new local processes or Ray actors (a torchrun job
+        restarts through torchrun)."""
+        if self._respawn is None:
+            raise RuntimeError("restart() applies to engines whose ranks it launched (local or Ray)")
+        with self._lock:
+            self._backend.close()
+            self._backend = self._respawn()
 
     def close(self) -> None:
         self._backend.close()

@@ -42,7 +42,11 @@ def _parser() -> argparse.ArgumentParser:
     cfg.add_argument("--cfg-split", dest="cfg_split", action="store_true", default=None,
                      help="CFG halves on two rank groups (default: on when guided and the world is even)")
     cfg.add_argument("--no-cfg-split", dest="cfg_split", action="store_false")
-    gen.add_argument("--nproc", type=int, default=None, help="spawn N local ranks (not under torchrun)")
+    gen.add_argument("--nproc", type=int, default=None, help="start N ranks (not under torchrun)")
+    gen.add_argument("--launcher", choices=("local", "ray"), default="local",
+                     help="local: spawned processes on this machine; ray: Ray actors (one node or a cluster)")
+    gen.add_argument("--address", default=None,
+                     help="--launcher ray: a running cluster (e.g. HEAD_IP:6379); default RAY_ADDRESS, else a private one")
     gen.add_argument("--device", default=None, help="cpu or cuda (default: the rank's local GPU if any)")
     gen.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None)
     gen.add_argument("--timeout", type=float, default=120.0, help="seconds any collective may take")
@@ -75,6 +79,7 @@ def generate(args) -> int:
     from engine import Engine, ParallelConfig
     from engine.models import describe_model
     from engine.request import build_request
+    from parallel.config import ConfigError
 
     world = _world(args)
     strategy = args.strategy or ("patch" if world > 1 else "none")
@@ -101,7 +106,10 @@ def generate(args) -> int:
     info = describe_model(args.model)
     if info is not None:
         build_request(info, parallel, args.prompt, **request)  # bad input fails before any rank starts
-    with Engine.from_pretrained(args.model, parallel=parallel, device=args.device, dtype=dtype) as engine:
+    if args.address is not None and args.launcher != "ray":
+        raise ConfigError("--address names a Ray cluster; add --launcher ray")
+    with Engine.from_pretrained(args.model, parallel=parallel, device=args.device, dtype=dtype,
+                                launcher=args.launcher, address=args.address) as engine:
         result = engine.generate(args.prompt, progress=not args.no_progress, **request)
     if not result.images:
         return 0  # a non-zero torchrun rank: rank 0 writes the outputs

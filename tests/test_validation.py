@@ -65,6 +65,13 @@ def test_unknown_model_is_rejected_before_any_rank_starts():
     assert time.monotonic() - start < 5
 
 
+def test_unknown_launcher_or_stray_address_is_rejected():
+    with pytest.raises(ConfigError, match="unknown launcher"):
+        Engine.from_pretrained("tiny-sd", parallel=ParallelConfig(world_size=2), launcher="slurm")
+    with pytest.raises(ConfigError, match="needs launcher='ray'"):
+        Engine.from_pretrained("tiny-sd", parallel=ParallelConfig(world_size=2), address="127.0.0.1:6379")
+
+
 def test_preset_description_matches_the_built_model(pool):
     for model in ("tiny-sd", "tiny-sdxl", "tiny-pixart", "tiny-sd3", "tiny-flux"):
         assert pool.serial_engine(model).info == describe_model(model)
@@ -79,6 +86,7 @@ def test_preset_description_matches_the_built_model(pool):
         ["--nproc", "2", "--cfg-split", "--guidance", "1"],
         ["--steps", "-1"],
         ["--nproc", "2", "--strategy", "pcpp", "--pcpp-portion", "0"],
+        ["--nproc", "2", "--address", "127.0.0.1:6379"],  # a Ray address without --launcher ray
     ],
 )
 def test_cli_bad_input_exits_nonzero_with_one_line(argv, capsys):

@@ -1,0 +1,252 @@
+"""Ray launcher: one Ray actor per rank, in a placement group, driven from the caller's process.
+
+- Connects to a Ray cluster (`address`, or RAY_ADDRESS), or starts a private one-node
+  cluster on this machine when there is none.
+- Reserves one bundle per rank (a GPU each where the cluster has enough GPUs, else a CPU)
+  and orders ranks so that ranks on the same node are contiguous: neighbouring bands, the
+  ones that exchange every step, then talk over local links.
+- Rank 0's actor publishes its node IP and a free port; every actor joins
+  `torch.distributed` there (never a hard-coded localhost) and uses its own local device.
+- Liveness: the driver waits on every rank's call with `ray.wait`; a rank that raises or an
+  actor that dies fails the request within seconds with the rank and the cause, and the
+  whole group is killed (peers may sit in a collective that will never complete).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from collections import OrderedDict
+
+from launch.worker import RankFailedError, configure_threads
+from parallel.config import ConfigError
+
+START_TIMEOUT_S = 600.0
+PLACEMENT_TIMEOUT_S = 60.0
+POLL_S = 0.2
+DEATH_GRACE_S = 3.0  # how long a peer's error waits for Ray to report a dead actor
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError as exc:  # ray is a dependency, but a trimmed install may lack it
+        raise ConfigError("launcher='ray' needs the ray package: pip install 'ray>=2.9'") from exc
+    return ray
+
+
+class RankActor:
+    """The body of one rank inside a Ray actor (wrapped with `ray.remote` at launch)."""
+
+    def where(self) -> tuple[str, str]:
+        import ray
+
+        return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
+
+    def free_port(self) -> int:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return s.getsockname()[1]
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def start(self, rank, world, local_rank, local_world, master, model, parallel, device, dtype):
+        os.environ.update(
+            MASTER_ADDR=master[0], MASTER_PORT=str(master[1]), RANK=str(rank), WORLD_SIZE=str(world),
+            LOCAL_RANK=str(local_rank), LOCAL_WORLD_SIZE=str(local_world),
+        )
+        configure_threads(parallel.threads_per_rank, local_world)
+        from comms.groups import init_distributed
+        from engine.runtime import RankRuntime
+
+        self.rank = rank
+        # Ray gives a GPU actor only its own GPU (CUDA_VISIBLE_DEVICES), so its local device
+        # is the first visible one; on CPU the local rank is irrelevant.
+        gpu_local = 0 if os.environ.get("CUDA_VISIBLE_DEVICES") else local_rank
+        topo = init_distributed(rank, world, gpu_local, device, parallel.comm_timeout_s)
+        self.runtime = RankRuntime(model, topo, dtype)
+        return self.runtime.info
+
+    def run(self, request):
+        output = self.runtime.run(request)
+        return output if self.rank == 0 else None
+
+    def stop(self) -> None:
+        from comms.groups import shutdown
+
+        shutdown()
+
+
+def _died(ray, exc) -> bool:
+    return isinstance(exc, ray.exceptions.ActorDiedError)
+
+
+def _summary(exc: BaseException) -> tuple[str, str]:
+    """(one-line cause, details) of an error raised inside an actor and re-raised by Ray."""
+    cause = getattr(exc, "cause", None) or exc
+    lines = str(cause).strip().splitlines()
+    return (f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__), str(exc)
+
+
+class RayLauncher:
+    def __init__(self, model, parallel, world_size: int, device=None, dtype=None, address=None):
+        ray = self._ray = import_ray()
+        started = time.perf_counter()
+        self.world_size = world_size
+        self.closed = False
+        self._owns_ray = False
+        self._actors: list = []
+        self._pg = None
+        if not ray.is_initialized():
+            address = address or os.environ.get("RAY_ADDRESS")
+            if address:
+                ray.init(address=address, include_dashboard=False, log_to_driver=False)
+            else:  # a private cluster on this machine: one logical CPU per rank at least
+                ray.init(num_cpus=max(os.cpu_count() or 1, world_size), include_dashboard=False,
+                         log_to_driver=False)
+            self._owns_ray = True
+        try:
+            self._start(model, parallel, device, dtype)
+        except BaseException:
+            self.close(graceful=False)
+            raise
+        self.startup_s = time.perf_counter() - started
+        nodes = len({node for node, _ in self.nodes})
+        print(f"tessera: {world_size} Ray rank actors ready on {nodes} node(s) in {self.startup_s:.1f} s "
+              f"(rank 0 at {self.master[0]}:{self.master[1]})", file=sys.stderr, flush=True)
+
+    # -- start-up -----------------------------------------------------------------------
+    def _bundles(self, device) -> tuple[list[dict], dict]:
+        resources = self._ray.cluster_resources()
+        want_gpu = device is None or str(device).startswith("cuda")
+        use_gpu = want_gpu and resources.get("GPU", 0) >= self.world_size
+        if device is not None and str(device).startswith("cuda") and not use_gpu:
+            raise ConfigError(f"device {device!r} asked for, but the Ray cluster has "
+                              f"{resources.get('GPU', 0):g} GPUs for {self.world_size} ranks")
+        bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}
+        if resources.get("CPU", 0) < self.world_size:
+            raise ConfigError(f"the Ray cluster has {resources.get('CPU', 0):g} CPUs; {self.world_size} ranks need "
+                              f"one each (start nodes with more --num-cpus, or use fewer ranks)")
+        return [dict(bundle) for _ in range(self.world_size)], bundle
+
+    def _start(self, model, parallel, device, dtype) -> None:
+        ray = self._ray
+        from ray.util.placement_group import placement_group, placement_group_table
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        bundles, bundle = self._bundles(device)
+        self._pg = placement_group(bundles, strategy="PACK")
+        try:
+            ray.get(self._pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            raise RankFailedError(f"Ray could not place {self.world_size} bundles of {bundle} within "
+                                  f"{PLACEMENT_TIMEOUT_S:.0f} s (cluster: {ray.cluster_resources()})") from None
+        node_of_bundle = placement_group_table(self._pg)["bundles_to_node_id"]
+        # Ranks on one node are contiguous, nodes in the order their first bundle appears.
+        by_node: OrderedDict[str, list[int]] = OrderedDict()
+        for index in sorted(node_of_bundle):
+            by_node.setdefault(node_of_bundle[index], []).append(index)
+        placement = [(index, local, len(indices)) for indices in by_node.values()
+                     for local, index in enumerate(indices)]
+        remote = ray.remote(RankActor)
+        env = {"TOKENIZERS_PARALLELISM": "false"}
+        for var in ("HF_HUB_OFFLINE", "TESSERA_INJECT_FAULT"):
+            if var in os.environ:
+                env[var] = os.environ[var]
+        self._actors = [
+            remote.options(
+                num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0), max_restarts=0,
+                runtime_env={"env_vars": env},
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self._pg, placement_group_bundle_index=index),
+            ).remote()
+            for index, _, _ in placement
+        ]
+        self.nodes = self._gather([a.where.remote() for a in self._actors], "where", START_TIMEOUT_S)
+        master = (self.nodes[0][1], self._gather([self._actors[0].free_port.remote()], "free_port", 60)[0])
+        starts = [
+            actor.start.remote(rank, self.world_size, local, local_world, master, model, parallel, device, dtype)
+            for rank, (actor, (_, local, local_world)) in enumerate(zip(self._actors, placement))
+        ]
+        self.info = self._gather(starts, "start", START_TIMEOUT_S)[0]
+        self.master = master
+
+    # -- requests -----------------------------------------------------------------------
+    def run(self, request):
+        if self.closed:
+            raise RankFailedError("this engine's Ray actors are stopped; call engine.restart() or make a new engine")
+        refs = [actor.run.remote(request) for actor in self._actors]
+        return self._gather(refs, "run", None)[0]
+
+    def _gather(self, refs: list, what: str, timeout_s: float | None) -> list:
+        """Every rank's result of one call; the first error or dead actor fails them all."""
+        ray = self._ray
+        rank_of = {ref: rank for rank, ref in enumerate(refs)}
+        results: dict = {}
+        pending = list(refs)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=len(pending), timeout=POLL_S)
+            for ref in ready:
+                try:
+                    results[rank_of[ref]] = ray.get(ref)
+                except ray.exceptions.RayError as exc:
+                    others = [r for r in ready if r is not ref] + pending
+                    self._fail(*self._root_cause(rank_of[ref], exc, others, rank_of, what))
+            if deadline is not None and time.monotonic() > deadline:
+                late = sorted(rank_of[r] for r in pending)
+                self._fail(f"ranks {late} did not finish {what!r} within {timeout_s:.0f} s")
+        return [results[rank] for rank in range(len(refs))]
+
+    def _root_cause(self, rank: int, exc, pending: list, rank_of: dict, what: str) -> tuple[str, str]:
+        """The message that names the rank that caused a failure. When an actor dies, its
+        peers often raise first (their connection to it closed) before Ray reports the death,
+        so give the other ranks a moment and prefer a dead actor over a peer's error."""
+        ray = self._ray
+        failures = [(rank, exc)]
+        end = time.monotonic() + DEATH_GRACE_S
+        while pending and time.monotonic() < end and not any(_died(ray, e) for _, e in failures):
+            ready, pending = ray.wait(pending, num_returns=len(pending), timeout=POLL_S)
+            for ref in ready:
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayError as other:
+                    failures.append((rank_of[ref], other))
+        rank, exc = next(((r, e) for r, e in failures if _died(ray, e)), failures[0])
+        if _died(ray, exc):
+            return f"rank {rank} died (its Ray actor is gone) during {what}", str(exc)
+        message, details = _summary(exc)
+        return f"rank {rank} failed: {message}", details
+
+    def _fail(self, message: str, details: str = ""):
+        self.close(graceful=False)
+        raise RankFailedError(message, details)
+
+    def actor_pids(self) -> list[int]:
+        """Process ids of the rank actors, rank order (for tests and diagnostics)."""
+        return self._gather([a.pid.remote() for a in self._actors], "pid", 30)
+
+    def close(self, graceful: bool = True) -> None:
+        """Release the actors and the placement group (and a private Ray cluster)."""
+        if self.closed:
+            return
+        self.closed = True
+        ray = self._ray
+        if graceful and self._actors:
+            try:
+                ray.get([a.stop.remote() for a in self._actors], timeout=10)
+            except Exception:  # noqa: BLE001 - an actor already gone: kill below anyway
+                pass
+        for actor in self._actors:
+            ray.kill(actor, no_restart=True)
+        self._actors = []
+        if self._pg is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self._pg)
+            self._pg = None
+        if self._owns_ray:
+            ray.shutdown()
