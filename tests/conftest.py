@@ -1,14 +1,15 @@
 """Shared fixtures: serial reference engines and one live group of spawned ranks at a time.
 
-Spawning ranks costs seconds (every rank imports torch and diffusers), so a group is kept
-alive across the tests that need the same (model, world size) and closed when a test
-asks for another one.
+Spawning ranks costs seconds (every rank imports torch and diffusers and builds the
+model), so groups are kept alive across tests and modules that need the same (model,
+world size).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections import OrderedDict
 
 import pytest
 
@@ -20,10 +21,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 class EnginePool:
+    """Serial engines, and live groups of spawned ranks keyed by (model, world size).
+
+    Idle ranks block on their request queue (no CPU), so several groups stay alive and
+    later modules reuse them; the least recently used group is closed when more than
+    MAX_LIVE_RANKS ranks would be alive (memory: ~0.4 GB per rank)."""
+
+    MAX_LIVE_RANKS = 12
+
     def __init__(self):
         self.serial = {}
-        self.live_key = None
-        self.live = None
+        self.live = OrderedDict()  # (model, world) -> Engine, least recently used first
 
     def serial_engine(self, model):
         from engine import Engine
@@ -36,16 +44,21 @@ class EnginePool:
         from engine import Engine, ParallelConfig
 
         key = (model, world)
-        if self.live_key != key or self.live._backend.closed:
-            self.close_live()
-            self.live = Engine.from_pretrained(model, parallel=ParallelConfig(strategy="patch", world_size=world))
-            self.live_key = key
-        return self.live
+        engine = self.live.get(key)
+        if engine is not None and engine._backend.closed:
+            del self.live[key]
+            engine = None
+        if engine is None:
+            while self.live and sum(w for _, w in self.live) + world > self.MAX_LIVE_RANKS:
+                self.live.popitem(last=False)[1].close()
+            engine = Engine.from_pretrained(model, parallel=ParallelConfig(strategy="patch", world_size=world))
+            self.live[key] = engine
+        self.live.move_to_end(key)
+        return engine
 
     def close_live(self):
-        if self.live is not None:
-            self.live.close()
-        self.live, self.live_key = None, None
+        while self.live:
+            self.live.popitem()[1].close()
 
 
 @pytest.fixture(scope="session")

@@ -10,16 +10,17 @@ from engine.fidelity import compare, rel_l2
 from parallel.bands import BandPlan
 from tests.analytic import kv_bytes, kv_layers
 
-STEPS = 6
+STEPS = 6  # pcpp: 2 warm-up + 4 stale steps
+EXACT_STEPS = 3  # patch-sync: every step exact, so a few suffice
 PROMPT = "a red circle"
 _refs = {}
 
 
-def _serial(pool, model, height, width):
-    key = (model, height, width)
+def _serial(pool, model, height, width, steps=STEPS):
+    key = (model, height, width, steps)
     if key not in _refs:
         _refs[key] = pool.serial_engine(model).generate(
-            PROMPT, height=height, width=width, num_inference_steps=STEPS, seed=3, progress=False
+            PROMPT, height=height, width=width, num_inference_steps=steps, seed=3, progress=False
         )
     return _refs[key]
 
@@ -40,7 +41,6 @@ CASES = [
     ("tiny-pixart", 2, 128, 96, True),
     ("tiny-pixart", 3, 160, 128, False),
     ("tiny-sd3", 2, 128, 128, False),
-    ("tiny-sd3", 2, 128, 96, True),
     ("tiny-sd3", 3, 160, 128, False),
     ("tiny-sd3", 4, 128, 128, True),  # CFG halves of two ranks each: batch and token split together
     ("tiny-flux", 2, 128, 128, False),
@@ -50,9 +50,9 @@ CASES = [
 
 @pytest.mark.parametrize("model,world,height,width,cfg_split", CASES)
 def test_dit_patch_sync_equals_serial(pool, model, world, height, width, cfg_split):
-    ref = _serial(pool, model, height, width)
+    ref = _serial(pool, model, height, width, EXACT_STEPS)
     engine = pool.parallel_engine(model, world)
-    result = _run(engine, height, width, strategy="patch-sync", cfg_split=cfg_split)
+    result = _run(engine, height, width, steps=EXACT_STEPS, strategy="patch-sync", cfg_split=cfg_split)
     assert result.report["cfg_split"] is cfg_split
     err = rel_l2(result.latents.numpy(), ref.latents.numpy())
     assert err <= 1e-5, f"{model} patch-sync differs from serial: rel L2 {err:.2e}"

@@ -10,7 +10,7 @@ import pytest
 from engine import ParallelConfig
 from engine.fidelity import rel_l2
 
-STEPS = 8
+STEPS = 4  # every step is exact, so a few suffice (DPM-Solver's multistep history included)
 _refs = {}
 
 
@@ -54,7 +54,7 @@ def test_patch_sync_equals_serial(pool, model, world, height, width, cfg_split, 
     err = rel_l2(result.latents.numpy(), ref.latents.numpy())
     assert err <= 1e-5, f"patch-sync differs from serial: rel L2 {err:.2e}"
     diff = np.abs(np.asarray(result.image, np.int16) - np.asarray(ref.image, np.int16))
-    assert diff.max() <= 2  # decoded once on rank 0 from the same latents
+    assert diff.max() <= 2  # the same latents, decoded band-parallel
     # every rank did real work and really communicated
     for part in result.report["per_rank"]:
         assert part["bytes_sent"] > 0 and part["collectives"] > 0
