@@ -97,6 +97,11 @@ def build_request(
                     f"denoiser downsampling or patch size {info.align}), which patch parallelism needs"
                 )
 
+    if parallel.strategy == "asg":
+        from engine.asg import asg_plan
+
+        asg_plan(info, parallel, height, width, steps)  # raises on bad geometry
+
     cfg_split = parallel.cfg_split
     if cfg_split is True:
         if not guided:

@@ -16,6 +16,7 @@ import torch
 
 from comms import CommStats, Topology
 from comms.collectives import all_gather_object
+from engine.asg import asg_plan, structure_guided
 from engine.decode import decode_latents, decode_latents_parallel
 from engine.fidelity import compare
 from engine.latents import spatial_latents
@@ -146,7 +147,10 @@ class RankRuntime:
             torch.cuda.reset_peak_memory_stats(device)
 
         start = time.perf_counter()
-        if cfg.strategy == "none":
+        asg_report = None
+        if cfg.strategy == "asg":
+            latents, asg_report = self._denoise_asg(request)
+        elif cfg.strategy == "none":
             latents = self._denoise(request)
         else:
             vae = self.info.vae_scale_factor
@@ -235,17 +239,37 @@ class RankRuntime:
             "decode": "parallel" if self.decode_ctx is not None else "serial",
             "per_rank": parts,
         }
+        if asg_report is not None:
+            report["asg"] = asg_report
         latents_np = latents.float().cpu().numpy()
         if request.compare_serial:
             report["vs_serial"] = self._compare_serial(request, images, latents_np)
         return RankOutput(images, latents_np, report)
 
+    def _denoise_asg(self, request: GenerateRequest) -> tuple[torch.Tensor, dict]:
+        """The single-process ASG reference: every tile and the structure branch here."""
+        cfg = request.parallel
+        grid, detail = asg_plan(self.info, cfg, request.height, request.width, request.num_inference_steps)
+        guided = request.guidance_scale > 1.0 and self.info.does_cfg
+        with structure_guided(self.pipe, self.denoiser, grid, request.num_inference_steps, cfg.asg_strength,
+                              detail, list(request.prompt), guided) as asg:
+            latents = self._denoise(request)
+        return latents, {
+            "tiles": len(grid.tiles), "tile_latent": [grid.tile_h, grid.tile_w], "overlap": grid.overlap,
+            "strength": cfg.asg_strength, "detail_steps": detail, "staleness": cfg.asg_staleness,
+            "branch_calls": asg.branch_calls,
+        }
+
     def _compare_serial(self, request: GenerateRequest, images: np.ndarray, latents: np.ndarray) -> dict:
-        """Run the same request serially on this rank (parallel layers bypassed) and compare."""
+        """Run the same request serially on this rank (parallel layers bypassed) and compare.
+        For asg the reference is the single-process run of the same algorithm."""
         self.pipe.set_progress_bar_config(disable=True)
         self.ctx.enabled = False
         start = time.perf_counter()
-        ref_latents = self._denoise(request)
+        if request.parallel.strategy == "asg":
+            ref_latents = self._denoise_asg(request)[0]
+        else:
+            ref_latents = self._denoise(request)
         serial_s = time.perf_counter() - start
         ref_images = decode_latents(self.pipe, spatial_latents(self.pipe, ref_latents, request.height, request.width))
         metrics = compare(images, ref_images, latents, ref_latents.float().cpu().numpy())

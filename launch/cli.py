@@ -37,6 +37,13 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--warmup-steps", type=int, default=4)
     gen.add_argument("--pcpp-portion", type=float, default=0.3,
                      help="pcpp: share of each adjacent band's rows that self-attention sees")
+    gen.add_argument("--asg-tile-overlap", type=int, default=None,
+                     help="asg: latent rows shared by neighbouring native-size tiles (default: a quarter tile)")
+    gen.add_argument("--asg-strength", type=float, default=0.8, help="asg: structure guidance weight at the noisiest step")
+    gen.add_argument("--asg-detail-steps", type=int, default=None,
+                     help="asg: last steps without structure guidance (default: a quarter of the steps)")
+    gen.add_argument("--asg-staleness", type=int, default=1, choices=(0, 1),
+                     help="asg: age in steps of the guidance tiles use in a parallel run")
     gen.add_argument("--gn-mode", choices=GN_MODES, default="corrected")
     cfg = gen.add_mutually_exclusive_group()
     cfg.add_argument("--cfg-split", dest="cfg_split", action="store_true", default=None,
@@ -88,6 +95,10 @@ def generate(args) -> int:
         world_size=world,
         warmup_steps=args.warmup_steps,
         pcpp_portion=args.pcpp_portion,
+        asg_tile_overlap=args.asg_tile_overlap,
+        asg_strength=args.asg_strength,
+        asg_detail_steps=args.asg_detail_steps,
+        asg_staleness=args.asg_staleness,
         gn_mode=args.gn_mode,
         cfg_split=args.cfg_split,
         comm_timeout_s=args.timeout,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-STRATEGIES = ("none", "patch", "patch-sync", "pcpp")
+STRATEGIES = ("none", "patch", "patch-sync", "pcpp", "asg")
 PATCH_STRATEGIES = ("patch", "patch-sync", "pcpp")  # those that split the latent into row bands
 GN_MODES = ("corrected", "sync")
 
@@ -26,6 +26,12 @@ class ParallelConfig:
     warmup_steps:  synchronous denoiser evaluations before staleness starts ("patch", "pcpp").
     pcpp_portion:  share (0, 1] of each adjacent band's rows that "pcpp" attends to: the
                    last rows of the band above and the first rows of the band below.
+    asg_tile_overlap, asg_strength, asg_detail_steps, asg_staleness: strategy "asg"
+                   (high resolution with structure guidance, see engine/asg.py): the
+                   overlap of native-size tiles in latent rows (None: a quarter of a
+                   tile), the guidance weight at the noisiest step, the last steps run
+                   without guidance (None: a quarter of the steps), and how many steps old
+                   the guidance a tile uses may be in a parallel run (0 or 1).
     gn_mode:       "corrected" (stale global GroupNorm statistics corrected with fresh
                    local ones) or "sync" (exact all-gather of statistics every step).
     cfg_split:     put the unconditional and conditional halves of a guided batch on two
@@ -39,6 +45,10 @@ class ParallelConfig:
     world_size: int | None = None
     warmup_steps: int = 4
     pcpp_portion: float = 0.3
+    asg_tile_overlap: int | None = None
+    asg_strength: float = 0.8
+    asg_detail_steps: int | None = None
+    asg_staleness: int = 1
     gn_mode: str = "corrected"
     cfg_split: bool | None = None
     comm_timeout_s: float = 120.0
@@ -60,6 +70,22 @@ class ParallelConfig:
         portion = self.pcpp_portion
         if isinstance(portion, bool) or not isinstance(portion, (int, float)) or not 0.0 < portion <= 1.0:
             raise ConfigError(f"pcpp_portion must be a number in (0, 1], got {portion!r}")
+        if self.asg_tile_overlap is not None and (
+                not isinstance(self.asg_tile_overlap, int) or isinstance(self.asg_tile_overlap, bool)
+                or self.asg_tile_overlap < 0):
+            raise ConfigError(f"asg_tile_overlap must be a non-negative integer (latent rows), got {self.asg_tile_overlap!r}")
+        strength = self.asg_strength
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
+            raise ConfigError(f"asg_strength must be a number in [0, 1], got {strength!r}")
+        detail = self.asg_detail_steps
+        if detail is not None and (not isinstance(detail, int) or isinstance(detail, bool) or detail < 0):
+            raise ConfigError(f"asg_detail_steps must be a non-negative integer, got {detail!r}")
+        if self.asg_staleness not in (0, 1) or isinstance(self.asg_staleness, bool):
+            raise ConfigError(f"asg_staleness must be 0 or 1, got {self.asg_staleness!r}")
+        if self.strategy == "asg" and (self.world_size or 1) > 1:
+            raise ConfigError(
+                "strategy 'asg' runs as its single-process reference in this version (one rank computes "
+                "every tile and the structure branch); its parallel form is not implemented yet: use one rank")
         if self.gn_mode not in GN_MODES:
             raise ConfigError(f"unknown gn_mode {self.gn_mode!r}; choose one of {', '.join(GN_MODES)}")
         if self.cfg_split is not None and not isinstance(self.cfg_split, bool):

@@ -1,0 +1,217 @@
+"""Asynchronous structure guidance (ASG): high-resolution generation beyond the native size.
+
+After ASGDiffusion (Li et al., "ASGDiffusion: Parallel High-Resolution Generation with
+Asynchronous Structure Guidance", 2024). The high-resolution (HR) latent is covered by
+native-size tiles with overlap (`parallel.asg_tiles.TileGrid`); every denoiser call
+
+1. runs a *structure branch*: the same denoiser on a global view of the HR latent at native
+   size (nearest-neighbour subsampling, which keeps the per-pixel noise level that area
+   averaging would shrink). Its noise prediction, upsampled to HR, is the guidance `G`; the
+   branch's cross-attention probabilities on the prompt's own tokens (not the start token,
+   not padding), averaged over heads and layers, upsampled and min-max normalised per image,
+   are the mask `M` in [0, 1] (where the layout is decided by the prompt);
+2. denoises every tile at native size and averages the tiles where they overlap
+   (MultiDiffusion: sum / coverage count), giving `eps`;
+3. guides it: `eps <- eps + w(t) * M * up(G - down(eps))`, where `down` picks the same latent
+   pixels the branch saw and `up` is bilinear. This is ASGDiffusion's
+   `eps_i + w M_i (G_i - eps_i)` with the difference taken on the branch's grid: both
+   predictions there are of the same noisy pixels, so their difference is structure, not
+   noise. Pulling eps towards a smooth upsampled G itself (measured on shapes-sd at 2x)
+   erases the per-pixel noise prediction and leaves noise in the image. Averaging before
+   guiding is the same as guiding each tile and averaging (the guidance is linear and
+   global).
+
+`w(t)` (`guidance_weight`): `strength * (1 + cos(pi * k / K)) / 2` at step k < K =
+steps - detail_steps, strong at high noise, falling to zero; zero in the last
+`detail_steps` steps, where tiles refine detail on their own. With CFG the same `w * M`
+applies to both halves, so by linearity the guided prediction is guided by the branch's
+guided prediction.
+
+This module is the single-process reference of the algorithm (one rank computes all tiles
+and the branch). It wraps the denoiser's forward for one request, so the unmodified
+diffusers pipeline and any elementwise scheduler run at the HR size.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+from parallel.asg_tiles import TileGrid
+from parallel.config import ConfigError
+
+# Pipelines whose denoiser is a UNet with cross-attention (the mask's source).
+ASG_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+
+
+def asg_plan(info, parallel, height: int, width: int, steps: int) -> tuple[TileGrid, int]:
+    """(tile grid, detail steps) of an ASG request; raises ConfigError on bad input."""
+    if info.pipeline not in ASG_PIPELINES:
+        raise ConfigError(f"strategy 'asg' supports {', '.join(ASG_PIPELINES)} so far; {info.name} is a {info.pipeline}")
+    vae = info.vae_scale_factor
+    tile = info.native_size // vae
+    overlap = parallel.asg_tile_overlap if parallel.asg_tile_overlap is not None else tile // 4
+    grid = TileGrid.cover(height // vae, width // vae, tile, tile, overlap)
+    detail = parallel.asg_detail_steps if parallel.asg_detail_steps is not None else steps // 4
+    if detail > steps:
+        raise ConfigError(f"asg_detail_steps {detail} exceeds the {steps} denoising steps")
+    return grid, detail
+
+
+def guidance_weight(step: int, steps: int, strength: float, detail_steps: int) -> float:
+    """w at denoising step `step` (0 = noisiest) of `steps`."""
+    guided = steps - detail_steps
+    if step >= guided or guided <= 0:
+        return 0.0
+    return strength * 0.5 * (1.0 + math.cos(math.pi * step / guided))
+
+
+class CrossAttentionRecorder:
+    """Attention processor for cross-attention layers that, while `recording`, keeps each
+    location's attention mass on the prompt's tokens. Otherwise plain attention."""
+
+    def __init__(self, maps: list, token_spans: list):
+        self.maps = maps  # filled with (B, L) per layer call
+        self.token_spans = token_spans  # per batch element: (first, end) token index of the prompt
+        self.recording = False
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+        if encoder_hidden_states is None:
+            raise RuntimeError("CrossAttentionRecorder is for cross-attention layers only")
+        batch, length, _ = hidden_states.shape
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        heads = attn.heads
+        dim = key.shape[-1] // heads
+        query, key, value = (t.view(batch, -1, heads, dim).transpose(1, 2) for t in (query, key, value))
+        probs = torch.softmax((query @ key.transpose(-1, -2)) * attn.scale, dim=-1)  # (B, heads, L, T)
+        if self.recording:
+            mass = torch.zeros(batch, length, dtype=torch.float32, device=probs.device)
+            for b, (first, end) in enumerate(self.token_spans):
+                mass[b] = probs[b, :, :, first:end].float().sum(-1).mean(0)
+            self.maps.append(mass)
+        out = (probs @ value).transpose(1, 2).reshape(batch, length, heads * dim)
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out)
+
+
+def _cross_attention_names(denoiser) -> list[str]:
+    return [name for name in denoiser.attn_processors if "attn2" in name]
+
+
+def prompt_token_spans(pipe, prompts: list[str]) -> list[tuple[int, int]]:
+    """(first, end) positions of each prompt's own tokens in the text encoder's sequence:
+    after the start token, before the end token and padding."""
+    spans = []
+    for prompt in prompts:
+        ids = pipe.tokenizer(prompt, truncation=True, max_length=pipe.tokenizer.model_max_length).input_ids
+        spans.append((1, max(2, len(ids) - 1)))
+    return spans
+
+
+def structure_mask(maps: list[torch.Tensor], native: tuple[int, int], height: int, width: int) -> torch.Tensor:
+    """(B, 1, height, width) in [0, 1] from per-layer (B, L) attention masses of the branch,
+    which ran at the `native` (rows, columns) latent size."""
+    total = None
+    for m in maps:
+        batch, length = m.shape
+        # every UNet level keeps the native aspect ratio: rows = sqrt(L * rows / columns)
+        rows = round(math.sqrt(length * native[0] / native[1]))
+        grid = m.view(batch, 1, rows, length // rows)
+        up = F.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)
+        total = up if total is None else total + up
+    total = total / len(maps)
+    low = total.amin(dim=(2, 3), keepdim=True)
+    high = total.amax(dim=(2, 3), keepdim=True)
+    span = high - low
+    return torch.where(span > 0, (total - low) / span.clamp_min(1e-12), torch.ones_like(total))
+
+
+class StructureGuidedTiles:
+    """The denoiser forward of one ASG request (single process: all tiles and the branch)."""
+
+    def __init__(self, denoiser, grid: TileGrid, steps: int, strength: float, detail_steps: int,
+                 token_spans: list, cfg: bool):
+        self.denoiser = denoiser
+        self.forward = denoiser.forward  # the original bound forward
+        self.grid = grid
+        self.steps, self.strength, self.detail_steps = steps, strength, detail_steps
+        self.cfg = cfg
+        self.maps: list = []
+        spans = token_spans * 2 if cfg else token_spans  # [uncond; cond] both attend to prompts' spans
+        self.recorder = CrossAttentionRecorder(self.maps, spans)
+        self.step = 0
+        self.branch_calls = 0
+        self.weights = None
+
+    def _branch(self, sample, args, kwargs):
+        """(G, M): the branch's prediction on the subsampled global view (native size) and
+        the structure mask at HR size."""
+        self.branch_calls += 1
+        native = (self.grid.tile_h, self.grid.tile_w)
+        view = F.interpolate(sample, size=native, mode="nearest")
+        self.maps.clear()
+        self.recorder.recording = True
+        try:
+            guide = self.forward(view, *args, **kwargs)[0]
+        finally:
+            self.recorder.recording = False
+        mask = structure_mask(self.maps, native, self.grid.height, self.grid.width)
+        if self.cfg:  # the conditional half's layout for both halves (linearity of CFG)
+            half = mask.shape[0] // 2
+            mask = torch.cat([mask[half:], mask[half:]])
+        return guide, mask.to(sample.dtype)
+
+    def _guide(self, eps, guide, mask, w: float):
+        """eps + w * M * up(G - eps on the branch's pixels). The difference is taken where the
+        branch and the tiles predict the noise of the same latent pixels, so it carries only
+        their disagreement about structure, and is upsampled smoothly; pulling eps towards
+        a smooth upsampled G itself would wipe out the per-pixel noise prediction."""
+        native = guide.shape[-2:]
+        residual = guide - F.interpolate(eps, size=native, mode="nearest")
+        up = F.interpolate(residual.float(), size=eps.shape[-2:], mode="bilinear", align_corners=False)
+        return eps + w * mask * up.to(eps.dtype)
+
+    def __call__(self, sample, *args, return_dict=True, **kwargs):
+        w = guidance_weight(self.step, self.steps, self.strength, self.detail_steps)
+        self.step += 1
+        if self.weights is None:
+            self.weights = self.grid.weights(sample.device, sample.dtype)
+        kwargs["return_dict"] = False
+        guide = mask = None
+        if w > 0:
+            guide, mask = self._branch(sample, args, kwargs)
+        total = torch.zeros_like(sample)
+        for tile in self.grid.tiles:
+            ys, xs = self.grid.window(tile)
+            total[..., ys, xs] += self.forward(sample[..., ys, xs].contiguous(), *args, **kwargs)[0]
+        out = total / self.weights
+        if w > 0:
+            out = self._guide(out, guide, mask, w)
+        if return_dict:
+            from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+            return UNet2DConditionOutput(sample=out)
+        return (out,)
+
+
+@contextmanager
+def structure_guided(pipe, denoiser, grid: TileGrid, steps: int, strength: float, detail_steps: int,
+                     prompts: list[str], cfg: bool):
+    """Run the pipeline's denoiser as ASG for one request, then restore it."""
+    if not hasattr(denoiser, "attn_processors") or not _cross_attention_names(denoiser):
+        raise NotImplementedError(f"asg needs a denoiser with cross-attention (UNet); got {type(denoiser).__name__}")
+    wrapper = StructureGuidedTiles(denoiser, grid, steps, strength, detail_steps, prompt_token_spans(pipe, prompts), cfg)
+    saved = dict(denoiser.attn_processors)
+    denoiser.set_attn_processor({name: wrapper.recorder if name in _cross_attention_names(denoiser) else proc
+                                 for name, proc in saved.items()})
+    denoiser.forward = wrapper
+    try:
+        yield wrapper
+    finally:
+        del denoiser.forward  # back to the class's forward
+        denoiser.set_attn_processor(saved)

@@ -1,0 +1,82 @@
+"""Tiles of an ASG high-resolution latent: native-size windows with overlap.
+
+A latent of (H, W) rows/columns is covered by tiles of the model's native latent size
+(h, w). Along each axis the tiles start at evenly spread offsets, at most `h - overlap`
+apart, the first at 0 and the last flush with the edge, so every latent row is covered and
+neighbouring tiles share at least `overlap` rows. `weights()` counts how many tiles cover
+each position: averaging the tiles' predictions is dividing their sum by it
+(MultiDiffusion). Tiles are dealt to ranks in contiguous runs of row-major order, so a rank
+owns a compact region and shares overlap strips only with ranks next to it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from parallel.config import ConfigError
+
+
+def _starts(total: int, size: int, overlap: int) -> list[int]:
+    if total == size:
+        return [0]
+    count = math.ceil((total - overlap) / (size - overlap))
+    step = (total - size) / (count - 1)
+    return [round(i * step) for i in range(count)]
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    height: int  # latent rows of the high-resolution latent
+    width: int
+    tile_h: int  # latent rows of one tile (the model's native latent size)
+    tile_w: int
+    overlap: int  # minimum shared rows/columns between neighbouring tiles
+
+    @classmethod
+    def cover(cls, height: int, width: int, tile_h: int, tile_w: int, overlap: int) -> "TileGrid":
+        """Check the geometry and build the grid; errors say what to change."""
+        if height < tile_h or width < tile_w:
+            raise ConfigError(
+                f"asg: the target latent {height}x{width} is smaller than the model's native "
+                f"{tile_h}x{tile_w}; ask for at least the native size")
+        if not isinstance(overlap, int) or overlap < 0:
+            raise ConfigError(f"asg_tile_overlap must be a non-negative integer (latent rows), got {overlap!r}")
+        if overlap >= min(tile_h, tile_w):
+            raise ConfigError(
+                f"asg_tile_overlap {overlap} must be smaller than a tile ({tile_h}x{tile_w} latent): "
+                "tiles that overlap completely never advance across the latent")
+        return cls(height, width, tile_h, tile_w, overlap)
+
+    @property
+    def tiles(self) -> list[tuple[int, int]]:
+        """(top, left) of every tile, row-major."""
+        return [(y, x) for y in _starts(self.height, self.tile_h, self.overlap)
+                for x in _starts(self.width, self.tile_w, self.overlap)]
+
+    def window(self, tile: tuple[int, int]) -> tuple[slice, slice]:
+        y, x = tile
+        return slice(y, y + self.tile_h), slice(x, x + self.tile_w)
+
+    def weights(self, device=None, dtype=torch.float32) -> torch.Tensor:
+        """(H, W): how many tiles cover each latent position (>= 1 everywhere)."""
+        count = torch.zeros(self.height, self.width, device=device, dtype=dtype)
+        for tile in self.tiles:
+            count[self.window(tile)] += 1
+        return count
+
+    def assign(self, ranks: int) -> list[list[tuple[int, int]]]:
+        """Tiles per rank: contiguous runs of row-major order, sizes differing by at most one."""
+        tiles = self.tiles
+        if ranks > len(tiles):
+            raise ConfigError(f"asg: {ranks} tile ranks but only {len(tiles)} tiles; use fewer ranks "
+                              "or a larger target")
+        base, extra = divmod(len(tiles), ranks)
+        out, start = [], 0
+        for r in range(ranks):
+            n = base + (r < extra)
+            out.append(tiles[start:start + n])
+            start += n
+        return out
