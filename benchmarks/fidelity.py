@@ -14,13 +14,14 @@ machine are not comparable across runs; fidelity and bytes are.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
 
 import numpy as np
 import torch
+
+from benchmarks.output import write_results
 
 PROMPT = "a red circle and a blue square on a dark background"
 HEADER = (
@@ -113,14 +114,7 @@ def main(argv=None) -> int:
     records = run(args.model, [int(s) for s in args.sizes.split(",")], args.steps,
                   [int(w) for w in args.worlds.split(",")], parse_strategies(args.strategies),
                   [int(w) for w in args.warmups.split(",")], args.seed, args.guidance, rows)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(records, f, indent=2)
-    table = HEADER + "\n" + "\n".join(rows) + "\n"
-    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-        f.write(table)
-    print(table)
-    print(f"json: {os.path.abspath(args.out)}")
+    write_results(args.out, records, HEADER + "\n" + "\n".join(rows) + "\n")
     return 0
 
 

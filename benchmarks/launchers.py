@@ -12,11 +12,11 @@ Writes JSON and a markdown table. Ray runs on a private one-node cluster unless 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
+
+from benchmarks.output import write_results
 
 HEADER = ("| launcher | ranks | size | steps | start-up (s) | request wall, median (s) | ranks' latency, median (s) "
           "| launcher overhead, median (ms) |\n|---|---|---|---|---|---|---|---|")
@@ -69,14 +69,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="outputs/launchers.json")
     args = parser.parse_args(argv)
     records = [measure(name, args) for name in ("local", "ray")]
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(records, f, indent=2)
-    table = HEADER + "\n" + "\n".join(row(r) for r in records) + "\n"
-    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-        f.write(table)
-    print(table)
-    print(f"json: {os.path.abspath(args.out)}")
+    write_results(args.out, records, HEADER + "\n" + "\n".join(row(r) for r in records) + "\n")
     return 0
 
 

@@ -202,7 +202,7 @@ class Engine:
         progress: bool = True,
     ) -> GenerateResult:
         """Generate images for `prompt` (a string or a list). `parallel` may change the
-        strategy, warm-up, GroupNorm mode or CFG split for this request; not the world size."""
+        strategy, warm-up, portion, ASG settings, CFG split ... for this request; not the world size."""
         if parallel is not None:
             if parallel.world_size not in (None, self.parallel.world_size):
                 raise ConfigError("a request cannot change the world size; make a new engine")

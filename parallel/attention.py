@@ -29,6 +29,19 @@ def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torc
     return out.transpose(1, 2).flatten(2).to(query.dtype)
 
 
+def _project_qkv(attn, hidden_states: torch.Tensor):
+    """The band's (query, key, value), (B, L, heads, dim), with the optional q/k norms."""
+    heads = attn.heads
+    query = attn.to_q(hidden_states).unflatten(-1, (heads, -1))
+    key = attn.to_k(hidden_states).unflatten(-1, (heads, -1))
+    value = attn.to_v(hidden_states).unflatten(-1, (heads, -1))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key, value
+
+
 def _exchange_image_kv(ctx, name: str, key: torch.Tensor, value: torch.Tensor):
     """(batch, band tokens, heads, dim) K and V -> the K and V of the tokens attended to."""
     heads = key.shape[2]
@@ -63,14 +76,7 @@ class PatchSelfAttnProcessor(_PatchProcessor):
             batch, channel, height, width = hidden_states.shape
             hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
 
-        heads = attn.heads
-        query = attn.to_q(hidden_states).unflatten(-1, (heads, -1))
-        key = attn.to_k(hidden_states).unflatten(-1, (heads, -1))
-        value = attn.to_v(hidden_states).unflatten(-1, (heads, -1))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = _project_qkv(attn, hidden_states)
         key, value = _exchange_image_kv(ctx, self.name, key, value)
 
         out = _attend(query, key, value)
@@ -93,13 +99,7 @@ class PatchJointAttnProcessor(_PatchProcessor):
             raise NotImplementedError(f"{self.name}: masked joint attention is not patch-parallel")
 
         heads = attn.heads
-        query = attn.to_q(hidden_states).unflatten(-1, (heads, -1))
-        key = attn.to_k(hidden_states).unflatten(-1, (heads, -1))
-        value = attn.to_v(hidden_states).unflatten(-1, (heads, -1))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = _project_qkv(attn, hidden_states)
         key, value = _exchange_image_kv(ctx, self.name, key, value)
 
         image_tokens = hidden_states.shape[1]
