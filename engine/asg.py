@@ -40,6 +40,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from comms.asg_channel import GuidanceChannel, sum_predictions
 from parallel.asg_tiles import TileGrid
 from parallel.config import ConfigError
 
@@ -55,6 +56,11 @@ def asg_plan(info, parallel, height: int, width: int, steps: int) -> tuple[TileG
     tile = info.native_size // vae
     overlap = parallel.asg_tile_overlap if parallel.asg_tile_overlap is not None else tile // 4
     grid = TileGrid.cover(height // vae, width // vae, tile, tile, overlap)
+    world = parallel.world_size or 1
+    if world > 1:
+        if parallel.cfg_split:
+            raise ConfigError("asg spreads tiles over the ranks; cfg_split does not apply to it")
+        grid.assign(world - 1)  # ranks 0..N-2 take tiles, rank N-1 the branch: enough tiles?
     detail = parallel.asg_detail_steps if parallel.asg_detail_steps is not None else steps // 4
     if detail > steps:
         raise ConfigError(f"asg_detail_steps {detail} exceeds the {steps} denoising steps")
@@ -201,11 +207,18 @@ class StructureGuidedTiles:
 
 @contextmanager
 def structure_guided(pipe, denoiser, grid: TileGrid, steps: int, strength: float, detail_steps: int,
-                     prompts: list[str], cfg: bool):
-    """Run the pipeline's denoiser as ASG for one request, then restore it."""
+                     prompts: list[str], cfg: bool, topo=None, stats=None, staleness: int = 1):
+    """Run the pipeline's denoiser as ASG for one request, then restore it. With `topo`
+    (several ranks) the tiles and the branch are spread over the ranks."""
     if not hasattr(denoiser, "attn_processors") or not _cross_attention_names(denoiser):
         raise NotImplementedError(f"asg needs a denoiser with cross-attention (UNet); got {type(denoiser).__name__}")
-    wrapper = StructureGuidedTiles(denoiser, grid, steps, strength, detail_steps, prompt_token_spans(pipe, prompts), cfg)
+    common = (denoiser, grid, steps, strength, detail_steps, prompt_token_spans(pipe, prompts), cfg)
+    if topo is not None and topo.distributed:
+        wrapper = ParallelStructureGuidedTiles(
+            *common, channel=GuidanceChannel(topo.world_size - 1, stats), stats=stats, rank=topo.rank,
+            world=topo.world_size, staleness=staleness)
+    else:
+        wrapper = StructureGuidedTiles(*common)
     saved = dict(denoiser.attn_processors)
     denoiser.set_attn_processor({name: wrapper.recorder if name in _cross_attention_names(denoiser) else proc
                                  for name, proc in saved.items()})
@@ -215,3 +228,73 @@ def structure_guided(pipe, denoiser, grid: TileGrid, steps: int, strength: float
     finally:
         del denoiser.forward  # back to the class's forward
         denoiser.set_attn_processor(saved)
+
+
+class ParallelStructureGuidedTiles(StructureGuidedTiles):
+    """ASG over ranks: ranks 0..N-2 denoise their share of the tiles, rank N-1 runs the
+    structure branch. Every rank holds the whole HR latent (the pipeline runs everywhere);
+    one all-reduce per step sums the tiles' predictions, and the branch's guidance is
+    broadcast asynchronously. A tile rank applies at step k the guidance computed at step
+    k - staleness (step 0 always uses its own), so with staleness 1 the branch's work runs
+    beside the tiles' instead of before them; with staleness 0 the result equals the
+    single-process reference up to float reassociation of the sum."""
+
+    def __init__(self, *args, channel, stats, rank: int, world: int, staleness: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.channel, self.stats = channel, stats
+        self.is_branch = rank == world - 1
+        self.my_tiles = [] if self.is_branch else self.grid.assign(world - 1)[rank]
+        self.staleness = staleness
+        self.posted: dict = {}  # step -> broadcast in flight
+        self.ready: dict = {}  # step -> (G, M) received
+        self.guidance_wait_s: list[float] = []  # per step
+
+    def _weight(self, k: int) -> float:
+        return guidance_weight(k, self.steps, self.strength, self.detail_steps) if k < self.steps else 0.0
+
+    def _source(self, k: int) -> int:
+        """The step whose guidance step k applies."""
+        return k if self.staleness == 0 or k == 0 else k - 1
+
+    def _computed(self, j: int) -> bool:
+        """Whether the guidance of step j is used by any guided step."""
+        users = [j] if self.staleness == 0 else ([0, 1] if j == 0 else [j + 1])
+        return any(self._weight(k) > 0 for k in users)
+
+    def __call__(self, sample, *args, return_dict=True, **kwargs):
+        k = self.step
+        self.step += 1
+        self.stats.step = k
+        w = self._weight(k)
+        if self.weights is None:
+            self.weights = self.grid.weights(sample.device, sample.dtype)
+        kwargs["return_dict"] = False
+        batch, channels = sample.shape[:2]
+        shapes = [(batch, channels, self.grid.tile_h, self.grid.tile_w), (batch, 1, self.grid.height, self.grid.width)]
+        numel = sum(math.prod(s) for s in shapes)
+        if self._computed(k):  # post this step's guidance before the tiles: it travels meanwhile
+            packed = None
+            if self.is_branch:
+                guide, mask = self._branch(sample, args, kwargs)
+                packed = torch.cat([guide.flatten(), mask.flatten()])
+            self.posted[k] = self.channel.post(numel, sample.dtype, sample.device, packed)
+        partial = torch.zeros_like(sample)
+        for tile in self.my_tiles:
+            ys, xs = self.grid.window(tile)
+            partial[..., ys, xs] += self.forward(sample[..., ys, xs].contiguous(), *args, **kwargs)[0]
+        out = sum_predictions(partial, self.stats) / self.weights
+        waited = 0.0
+        if w > 0:
+            j = self._source(k)
+            if j not in self.ready:
+                flat, waited = self.channel.wait(self.posted.pop(j))
+                split = math.prod(shapes[0])
+                self.ready = {j: (flat[:split].view(shapes[0]), flat[split:].view(shapes[1]))}
+            guide, mask = self.ready[j]
+            out = self._guide(out, guide, mask, w)
+        self.guidance_wait_s.append(waited)
+        if return_dict:
+            from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+            return UNet2DConditionOutput(sample=out)
+        return (out,)

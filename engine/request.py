@@ -109,7 +109,7 @@ def build_request(
         if world % 2:
             raise ConfigError(f"cfg_split needs an even world size, got {world}")
     elif cfg_split is None:
-        cfg_split = guided and world > 1 and world % 2 == 0
+        cfg_split = guided and world > 1 and world % 2 == 0 and parallel.strategy != "asg"
     members = world // 2 if cfg_split else world
     if parallel.strategy in PATCH_STRATEGIES:
         BandPlan.split(height // vae, width // vae, members, info.align)  # raises on too many ranks

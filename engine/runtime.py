@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -147,9 +147,9 @@ class RankRuntime:
             torch.cuda.reset_peak_memory_stats(device)
 
         start = time.perf_counter()
-        asg_report = None
+        asg_report, asg_rank = None, {}
         if cfg.strategy == "asg":
-            latents, asg_report = self._denoise_asg(request)
+            latents, asg_report, asg_rank = self._denoise_asg(request)
         elif cfg.strategy == "none":
             latents = self._denoise(request)
         else:
@@ -180,6 +180,7 @@ class RankRuntime:
             "collectives": totals.collectives,
             "peak_mem_bytes": _peak_memory(device),
             "per_step": self.stats.per_step(),
+            **asg_rank,
         }
         if cfg.trace_comms:
             part["trace"] = list(self.stats.trace)
@@ -246,19 +247,30 @@ class RankRuntime:
             report["vs_serial"] = self._compare_serial(request, images, latents_np)
         return RankOutput(images, latents_np, report)
 
-    def _denoise_asg(self, request: GenerateRequest) -> tuple[torch.Tensor, dict]:
-        """The single-process ASG reference: every tile and the structure branch here."""
+    def _denoise_asg(self, request: GenerateRequest, reference: bool = False) -> tuple[torch.Tensor, dict, dict]:
+        """ASG: over the ranks (tiles on ranks 0..N-2, the branch on N-1), or with
+        `reference` / one rank the single-process reference (every tile and the branch here).
+        Returns (latents, the request's asg report, this rank's asg counters)."""
         cfg = request.parallel
-        grid, detail = asg_plan(self.info, cfg, request.height, request.width, request.num_inference_steps)
+        parallel = self.topo.distributed and not reference
+        grid, detail = asg_plan(self.info, replace(cfg, world_size=self.topo.world_size if parallel else 1),
+                                request.height, request.width, request.num_inference_steps)
         guided = request.guidance_scale > 1.0 and self.info.does_cfg
+        self.ctx.enabled = False  # the denoiser runs whole tiles: no patch layers
         with structure_guided(self.pipe, self.denoiser, grid, request.num_inference_steps, cfg.asg_strength,
-                              detail, list(request.prompt), guided) as asg:
+                              detail, list(request.prompt), guided, topo=self.topo if parallel else None,
+                              stats=self.stats, staleness=cfg.asg_staleness) as asg:
             latents = self._denoise(request)
+        mine = {}
+        if parallel:
+            waits = asg.guidance_wait_s
+            mine = {"asg_role": "branch" if asg.is_branch else "tiles", "asg_tiles": len(asg.my_tiles),
+                    "guidance_wait_s": float(sum(waits)), "guidance_wait_per_step_s": waits}
         return latents, {
             "tiles": len(grid.tiles), "tile_latent": [grid.tile_h, grid.tile_w], "overlap": grid.overlap,
             "strength": cfg.asg_strength, "detail_steps": detail, "staleness": cfg.asg_staleness,
-            "branch_calls": asg.branch_calls,
-        }
+            "branch_calls": asg.branch_calls, "mode": "parallel" if parallel else "single-process",
+        }, mine
 
     def _compare_serial(self, request: GenerateRequest, images: np.ndarray, latents: np.ndarray) -> dict:
         """Run the same request serially on this rank (parallel layers bypassed) and compare.
@@ -267,7 +279,7 @@ class RankRuntime:
         self.ctx.enabled = False
         start = time.perf_counter()
         if request.parallel.strategy == "asg":
-            ref_latents = self._denoise_asg(request)[0]
+            ref_latents = self._denoise_asg(request, reference=True)[0]
         else:
             ref_latents = self._denoise(request)
         serial_s = time.perf_counter() - start

@@ -82,10 +82,6 @@ class ParallelConfig:
             raise ConfigError(f"asg_detail_steps must be a non-negative integer, got {detail!r}")
         if self.asg_staleness not in (0, 1) or isinstance(self.asg_staleness, bool):
             raise ConfigError(f"asg_staleness must be 0 or 1, got {self.asg_staleness!r}")
-        if self.strategy == "asg" and (self.world_size or 1) > 1:
-            raise ConfigError(
-                "strategy 'asg' runs as its single-process reference in this version (one rank computes "
-                "every tile and the structure branch); its parallel form is not implemented yet: use one rank")
         if self.gn_mode not in GN_MODES:
             raise ConfigError(f"unknown gn_mode {self.gn_mode!r}; choose one of {', '.join(GN_MODES)}")
         if self.cfg_split is not None and not isinstance(self.cfg_split, bool):

@@ -87,7 +87,7 @@ def test_preset_description_matches_the_built_model(pool):
         ["--steps", "-1"],
         ["--nproc", "2", "--strategy", "pcpp", "--pcpp-portion", "0"],
         ["--nproc", "2", "--address", "127.0.0.1:6379"],  # a Ray address without --launcher ray
-        ["--nproc", "2", "--strategy", "asg", "--height", "512", "--width", "512"],  # asg: one rank so far
+        ["--nproc", "3", "--strategy", "asg", "--height", "256", "--width", "256", "--model", "tiny-sd"],  # 1 tile, 2 tile ranks
         ["--strategy", "asg", "--height", "128", "--width", "256", "--model", "tiny-sd"],  # below native
     ],
 )
