@@ -265,11 +265,14 @@ class RankRuntime:
         if parallel:
             waits = asg.guidance_wait_s
             mine = {"asg_role": "branch" if asg.is_branch else "tiles", "asg_tiles": len(asg.my_tiles),
+                    "asg_branch_calls": asg.branch_calls,
                     "guidance_wait_s": float(sum(waits)), "guidance_wait_per_step_s": waits}
         return latents, {
             "tiles": len(grid.tiles), "tile_latent": [grid.tile_h, grid.tile_w], "overlap": grid.overlap,
             "strength": cfg.asg_strength, "detail_steps": detail, "staleness": cfg.asg_staleness,
-            "branch_calls": asg.branch_calls, "mode": "parallel" if parallel else "single-process",
+            "mode": "parallel" if parallel else "single-process",
+            # single-process: this rank ran the branch; over ranks it is each rank's asg_branch_calls
+            **({} if parallel else {"branch_calls": asg.branch_calls}),
         }, mine
 
     def _compare_serial(self, request: GenerateRequest, images: np.ndarray, latents: np.ndarray) -> dict:

@@ -118,8 +118,8 @@ def test_parallel_asg_without_staleness_equals_the_reference(pool, asg_reference
     assert result.report["asg"]["mode"] == "parallel" and result.report["cfg_split"] is False
     err = rel_l2(result.latents.numpy(), asg_reference.latents.numpy())
     assert err <= 1e-5, f"parallel asg (staleness 0) differs from the reference: rel L2 {err:.2e}"
-    roles = [(p["asg_role"], p["asg_tiles"]) for p in result.report["per_rank"]]
-    assert roles == [("tiles", 2), ("tiles", 2), ("branch", 0)]
+    roles = [(p["asg_role"], p["asg_tiles"], p["asg_branch_calls"]) for p in result.report["per_rank"]]
+    assert roles == [("tiles", 2, 0), ("tiles", 2, 0), ("branch", 0, 5)]  # guided on 5 of 6 steps
     for part in result.report["per_rank"]:
         kinds = part["per_step"][0]["bytes_by_kind"]
         assert kinds["tiles"]["sent"] > 0 and "guidance" in kinds  # really exchanged
