@@ -182,6 +182,23 @@ class StructureGuidedTiles:
         up = F.interpolate(residual.float(), size=eps.shape[-2:], mode="bilinear", align_corners=False)
         return eps + w * mask * up.to(eps.dtype)
 
+    def _sum_tiles(self, sample, tiles, args, kwargs) -> torch.Tensor:
+        """The sum of `tiles`' predictions, each in its window of a zero latent."""
+        total = torch.zeros_like(sample)
+        for tile in tiles:
+            ys, xs = self.grid.window(tile)
+            total[..., ys, xs] += self.forward(sample[..., ys, xs].contiguous(), *args, **kwargs)[0]
+        return total
+
+    @staticmethod
+    def _output(out, return_dict: bool):
+        """What the denoiser's forward returns (pipelines call with return_dict=False)."""
+        if return_dict:
+            from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+            return UNet2DConditionOutput(sample=out)
+        return (out,)
+
     def __call__(self, sample, *args, return_dict=True, **kwargs):
         w = guidance_weight(self.step, self.steps, self.strength, self.detail_steps)
         self.step += 1
@@ -191,18 +208,10 @@ class StructureGuidedTiles:
         guide = mask = None
         if w > 0:
             guide, mask = self._branch(sample, args, kwargs)
-        total = torch.zeros_like(sample)
-        for tile in self.grid.tiles:
-            ys, xs = self.grid.window(tile)
-            total[..., ys, xs] += self.forward(sample[..., ys, xs].contiguous(), *args, **kwargs)[0]
-        out = total / self.weights
+        out = self._sum_tiles(sample, self.grid.tiles, args, kwargs) / self.weights
         if w > 0:
             out = self._guide(out, guide, mask, w)
-        if return_dict:
-            from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-
-            return UNet2DConditionOutput(sample=out)
-        return (out,)
+        return self._output(out, return_dict)
 
 
 @contextmanager
@@ -210,7 +219,8 @@ def structure_guided(pipe, denoiser, grid: TileGrid, steps: int, strength: float
                      prompts: list[str], cfg: bool, topo=None, stats=None, staleness: int = 1):
     """Run the pipeline's denoiser as ASG for one request, then restore it. With `topo`
     (several ranks) the tiles and the branch are spread over the ranks."""
-    if not hasattr(denoiser, "attn_processors") or not _cross_attention_names(denoiser):
+    cross = set(_cross_attention_names(denoiser)) if hasattr(denoiser, "attn_processors") else set()
+    if not cross:
         raise NotImplementedError(f"asg needs a denoiser with cross-attention (UNet); got {type(denoiser).__name__}")
     common = (denoiser, grid, steps, strength, detail_steps, prompt_token_spans(pipe, prompts), cfg)
     if topo is not None and topo.distributed:
@@ -220,7 +230,7 @@ def structure_guided(pipe, denoiser, grid: TileGrid, steps: int, strength: float
     else:
         wrapper = StructureGuidedTiles(*common)
     saved = dict(denoiser.attn_processors)
-    denoiser.set_attn_processor({name: wrapper.recorder if name in _cross_attention_names(denoiser) else proc
+    denoiser.set_attn_processor({name: wrapper.recorder if name in cross else proc
                                  for name, proc in saved.items()})
     denoiser.forward = wrapper
     try:
@@ -278,10 +288,7 @@ class ParallelStructureGuidedTiles(StructureGuidedTiles):
                 guide, mask = self._branch(sample, args, kwargs)
                 packed = torch.cat([guide.flatten(), mask.flatten()])
             self.posted[k] = self.channel.post(numel, sample.dtype, sample.device, packed)
-        partial = torch.zeros_like(sample)
-        for tile in self.my_tiles:
-            ys, xs = self.grid.window(tile)
-            partial[..., ys, xs] += self.forward(sample[..., ys, xs].contiguous(), *args, **kwargs)[0]
+        partial = self._sum_tiles(sample, self.my_tiles, args, kwargs)
         out = sum_predictions(partial, self.stats) / self.weights
         waited = 0.0
         if w > 0:
@@ -293,8 +300,4 @@ class ParallelStructureGuidedTiles(StructureGuidedTiles):
             guide, mask = self.ready[j]
             out = self._guide(out, guide, mask, w)
         self.guidance_wait_s.append(waited)
-        if return_dict:
-            from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-
-            return UNet2DConditionOutput(sample=out)
-        return (out,)
+        return self._output(out, return_dict)

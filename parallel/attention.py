@@ -29,16 +29,19 @@ def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torc
     return out.transpose(1, 2).flatten(2).to(query.dtype)
 
 
-def _project_qkv(attn, hidden_states: torch.Tensor):
-    """The band's (query, key, value), (B, L, heads, dim), with the optional q/k norms."""
+def _project_qkv(attn, states: torch.Tensor, text: bool = False):
+    """(query, key, value), (B, L, heads, dim), with the optional q/k norms. `text`: the
+    text stream of joint attention (SD3, Flux), which has its own projections and norms."""
+    q, k, v, nq, nk = (("add_q_proj", "add_k_proj", "add_v_proj", "norm_added_q", "norm_added_k") if text
+                       else ("to_q", "to_k", "to_v", "norm_q", "norm_k"))
     heads = attn.heads
-    query = attn.to_q(hidden_states).unflatten(-1, (heads, -1))
-    key = attn.to_k(hidden_states).unflatten(-1, (heads, -1))
-    value = attn.to_v(hidden_states).unflatten(-1, (heads, -1))
-    if attn.norm_q is not None:
-        query = attn.norm_q(query)
-    if attn.norm_k is not None:
-        key = attn.norm_k(key)
+    query = getattr(attn, q)(states).unflatten(-1, (heads, -1))
+    key = getattr(attn, k)(states).unflatten(-1, (heads, -1))
+    value = getattr(attn, v)(states).unflatten(-1, (heads, -1))
+    if getattr(attn, nq) is not None:
+        query = getattr(attn, nq)(query)
+    if getattr(attn, nk) is not None:
+        key = getattr(attn, nk)(key)
     return query, key, value
 
 
@@ -98,19 +101,12 @@ class PatchJointAttnProcessor(_PatchProcessor):
         if attention_mask is not None:
             raise NotImplementedError(f"{self.name}: masked joint attention is not patch-parallel")
 
-        heads = attn.heads
         query, key, value = _project_qkv(attn, hidden_states)
         key, value = _exchange_image_kv(ctx, self.name, key, value)
 
         image_tokens = hidden_states.shape[1]
         if encoder_hidden_states is not None:  # [image; text], as the serial processor orders them
-            text_q = attn.add_q_proj(encoder_hidden_states).unflatten(-1, (heads, -1))
-            text_k = attn.add_k_proj(encoder_hidden_states).unflatten(-1, (heads, -1))
-            text_v = attn.add_v_proj(encoder_hidden_states).unflatten(-1, (heads, -1))
-            if attn.norm_added_q is not None:
-                text_q = attn.norm_added_q(text_q)
-            if attn.norm_added_k is not None:
-                text_k = attn.norm_added_k(text_k)
+            text_q, text_k, text_v = _project_qkv(attn, encoder_hidden_states, text=True)
             query = torch.cat([query, text_q], dim=1)
             key = torch.cat([key, text_k], dim=1)
             value = torch.cat([value, text_v], dim=1)
@@ -137,14 +133,10 @@ class PatchFluxAttnProcessor(_PatchProcessor):
             raise NotImplementedError(f"{self.name}: masked attention is not patch-parallel")
         from diffusers.models.embeddings import apply_rotary_emb
 
-        query = attn.norm_q(attn.to_q(hidden_states).unflatten(-1, (-1, attn.head_dim)))
-        key = attn.norm_k(attn.to_k(hidden_states).unflatten(-1, (-1, attn.head_dim)))
-        value = attn.to_v(hidden_states).unflatten(-1, (-1, attn.head_dim))
+        query, key, value = _project_qkv(attn, hidden_states)
         if encoder_hidden_states is not None:  # double-stream block: [text; image]
             text_tokens = encoder_hidden_states.shape[1]
-            text_q = attn.norm_added_q(attn.add_q_proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim)))
-            text_k = attn.norm_added_k(attn.add_k_proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim)))
-            text_v = attn.add_v_proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim))
+            text_q, text_k, text_v = _project_qkv(attn, encoder_hidden_states, text=True)
             query = torch.cat([text_q, query], dim=1)
             key = torch.cat([text_k, key], dim=1)
             value = torch.cat([text_v, value], dim=1)
