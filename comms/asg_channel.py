@@ -1,12 +1,18 @@
-"""ASG traffic: the tile ranks' summed predictions and the branch rank's guidance.
+"""ASG traffic: overlap strips between tile ranks, view pixels to the branch rank, the
+branch's guidance back, and the final latent.
 
-- `sum_predictions`: every rank adds the predictions of its own tiles into a zero latent;
-  one all-reduce gives every rank the sum over all tiles (the branch rank adds zeros).
-  Counted as the payload once sent and once received per rank.
-- `GuidanceChannel`: the branch rank broadcasts its guidance (prediction + mask, one flat
-  tensor) asynchronously; the other ranks post the matching receive at the same point of
-  the step and wait on it only when they apply the guidance (a step later with staleness 1).
-  The time spent in that wait is the rank's guidance wait.
+- `StripExchange` (tile ranks only): each tile rank has summed the predictions of its own
+  tiles; it swaps the partial sums on the positions it shares with another tile rank (the
+  overlap strips, nothing else), so each completes the average over its own region. On
+  guided steps the same message carries its partial sums on the branch's view pixels, so
+  every tile rank also knows the averaged prediction on the branch's grid.
+- `BranchChannel` (a side group, so that a slow branch never blocks the strips on NCCL's
+  in-order streams): tile ranks send the view pixels they own to the branch rank
+  asynchronously; the branch rank broadcasts its guidance (prediction + mask, one flat
+  tensor) asynchronously, and tile ranks wait on it only when they apply it (a step later
+  with staleness 1). The time spent in that wait is the rank's guidance wait.
+- `assemble_latents`: after the last step every tile rank contributes the final latent on
+  the positions it owns; one all-reduce gives every rank the whole latent to decode.
 """
 
 from __future__ import annotations
@@ -16,32 +22,102 @@ import time
 import torch
 import torch.distributed as dist
 
+from comms.stats import nbytes
+from parallel.asg_tiles import TilePlan
 
-def sum_predictions(partial: torch.Tensor, stats) -> torch.Tensor:
-    nbytes = partial.numel() * partial.element_size()
-    stats.record_op(nbytes, nbytes, kind="tiles")
-    with stats.waiting(partial.device):
-        dist.all_reduce(partial)
-    return partial
+STRIP_TAG = 7101
+VIEW_TAG = 7102
 
 
-class GuidanceChannel:
-    def __init__(self, src: int, stats):
-        self.src = src
+class StripExchange:
+    def __init__(self, plan: TilePlan, stats, group=None):
+        self.plan, self.stats, self.group = plan, stats, group
+        me = plan.index
+        self.peers = [s for s in range(plan.tile_ranks) if s != me]
+        self.shared = {s: plan.shared(s) for s in self.peers}
+        self.view_mine = plan.view[plan.view_covered(me)]
+        self.view_theirs = {s: plan.view_covered(s) for s in self.peers}
+
+    def complete(self, partial: torch.Tensor, with_view: bool):
+        """(the averaged-region sum, the full sum on the view pixels (B, C, n) or None)."""
+        lead = partial.shape[:-2]
+        flat = partial.flatten(-2)
+        down = flat[..., self.plan.view].clone() if with_view else None  # own share, before the strips
+        ops, received, sent, recvs = [], 0, 0, {}
+        for s in self.peers:
+            strip = int(self.shared[s].sum())
+            theirs = int(self.view_theirs[s].sum()) if with_view else 0
+            if strip + theirs == 0:
+                continue
+            parts = [partial[..., self.shared[s]]]
+            if with_view:
+                parts.append(flat[..., self.view_mine])
+            message = torch.cat(parts, dim=-1).contiguous()
+            buf = partial.new_empty(*lead, strip + theirs)
+            ops += [dist.P2POp(dist.isend, message, s, self.group, STRIP_TAG),
+                    dist.P2POp(dist.irecv, buf, s, self.group, STRIP_TAG)]
+            sent += nbytes(message)
+            received += nbytes(buf)
+            recvs[s] = (buf, strip)
+        if not ops:
+            return partial, down
+        self.stats.record_op(sent, received, ops=len(ops), kind="tiles")
+        with self.stats.waiting(partial.device):
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+        for s, (buf, strip) in recvs.items():
+            partial[..., self.shared[s]] += buf[..., :strip]
+            if with_view:
+                down[..., self.view_theirs[s]] += buf[..., strip:]
+        return partial, down
+
+
+class BranchChannel:
+    def __init__(self, branch: int, stats, group=None):
+        self.branch = branch
         self.rank = dist.get_rank()
-        self.world = dist.get_world_size()
-        self.stats = stats
+        self.stats, self.group = stats, group
+        self.world = dist.get_world_size(group)
+        self.inflight: list = []  # sends and broadcasts to finish before the request ends
+
+    def send_view(self, sample: torch.Tensor, plan: TilePlan) -> None:
+        """Tile rank: start sending its own view pixels of `sample` to the branch rank."""
+        values = sample.flatten(-2)[..., plan.view[plan.view_owned(plan.index)]].contiguous()
+        if values.shape[-1] == 0:
+            return
+        self.stats.record_op(nbytes(values), 0, kind="view")
+        self.inflight.append((values, dist.isend(values, self.branch, self.group, VIEW_TAG)))
+
+    def gather_view(self, sample: torch.Tensor, plan: TilePlan, native: tuple[int, int]) -> torch.Tensor:
+        """Branch rank: receive every tile rank's view pixels; (B, C, h, w)."""
+        view = sample.new_zeros(*sample.shape[:-2], plan.view.numel())
+        pending = []
+        for r in range(plan.tile_ranks):
+            owned = plan.view_owned(r)
+            if not bool(owned.any()):
+                continue
+            buf = sample.new_empty(*sample.shape[:-2], int(owned.sum()))
+            self.stats.record_op(0, nbytes(buf), kind="view")
+            pending.append((owned, buf, dist.irecv(buf, r, self.group, VIEW_TAG)))
+        with self.stats.waiting(sample.device):
+            for owned, buf, work in pending:
+                work.wait()
+                view[..., owned] = buf
+        return view.view(*sample.shape[:-2], *native)
 
     def post(self, numel: int, dtype, device, guidance: torch.Tensor | None = None):
         """Start the broadcast of one step's guidance (the branch passes it, others None)."""
-        if self.rank == self.src:
+        if self.rank == self.branch:
             buf = guidance.contiguous()
         else:
             buf = torch.empty(numel, dtype=dtype, device=device)
-        nbytes = buf.numel() * buf.element_size()
-        sent, received = (nbytes * (self.world - 1), 0) if self.rank == self.src else (0, nbytes)
+        size = nbytes(buf)
+        sent, received = (size * (self.world - 1), 0) if self.rank == self.branch else (0, size)
         self.stats.record_op(sent, received, kind="guidance")
-        return buf, dist.broadcast(buf, src=self.src, async_op=True)
+        posted = (buf, dist.broadcast(buf, src=self.branch, group=self.group, async_op=True))
+        if self.rank == self.branch:
+            self.inflight.append(posted)
+        return posted
 
     def wait(self, posted) -> tuple[torch.Tensor, float]:
         """(the guidance, seconds this rank waited for it)."""
@@ -50,3 +126,21 @@ class GuidanceChannel:
         with self.stats.waiting(buf.device):
             work.wait()
         return buf, time.perf_counter() - start
+
+    def finish(self) -> None:
+        for _, work in self.inflight:
+            work.wait()
+        self.inflight.clear()
+
+
+def assemble_latents(latents: torch.Tensor, owned: torch.Tensor | None, stats) -> torch.Tensor:
+    """Every rank's (B, C, H, W) latent valid where it `owned` (None: nowhere, the branch);
+    returns the whole latent on every rank."""
+    mine = torch.zeros_like(latents)
+    if owned is not None:
+        mine[..., owned] = latents[..., owned]
+    size = nbytes(mine)
+    stats.record_op(size, size, kind="assemble")
+    with stats.waiting(mine.device):
+        dist.all_reduce(mine)
+    return mine

@@ -58,6 +58,17 @@ class Topology:
     device: torch.device
     world: object = None  # the default process group (None = dist.group.WORLD)
     cfg_groups: list = field(default_factory=list)
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    _side: object = None
+
+    def side_group(self):
+        """A second group over every rank, for traffic that must not queue behind the main
+        group's operations (NCCL runs a communicator's operations in order). Created on
+        first use, which every rank must reach at the same point (new_group is collective)."""
+        if self._side is None:
+            self._side = dist.new_group(list(range(self.world_size)),
+                                        timeout=datetime.timedelta(seconds=self.timeout_s))
+        return self._side
 
     @property
     def distributed(self) -> bool:
@@ -88,7 +99,7 @@ def init_distributed(
     dev = local_device(local_rank, device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    topo = Topology(rank, world_size, local_rank, dev)
+    topo = Topology(rank, world_size, local_rank, dev, timeout_s=timeout_s)
     if world_size == 1:
         return topo
     if not dist.is_initialized():

@@ -40,12 +40,14 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from comms.asg_channel import GuidanceChannel, sum_predictions
-from parallel.asg_tiles import TileGrid
+from comms.asg_channel import BranchChannel, StripExchange, assemble_latents
+from parallel.asg_tiles import TileGrid, TilePlan
 from parallel.config import ConfigError
 
-# Pipelines whose denoiser is a UNet with cross-attention (the mask's source).
-ASG_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+# Pipelines whose denoiser has cross-attention layers (the mask's source): UNets and
+# PixArt's DiT. SD3 and Flux attend jointly to [image; text] and Flux packs its latents
+# into tokens: neither has a separate cross-attention map or a spatial tile to cut.
+ASG_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "PixArtSigmaPipeline", "PixArtAlphaPipeline")
 
 
 def asg_plan(info, parallel, height: int, width: int, steps: int) -> tuple[TileGrid, int]:
@@ -88,21 +90,30 @@ class CrossAttentionRecorder:
         if encoder_hidden_states is None:
             raise RuntimeError("CrossAttentionRecorder is for cross-attention layers only")
         batch, length, _ = hidden_states.shape
+        if attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        residual = hidden_states
         query = attn.to_q(hidden_states)
         key = attn.to_k(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
         heads = attn.heads
         dim = key.shape[-1] // heads
         query, key, value = (t.view(batch, -1, heads, dim).transpose(1, 2) for t in (query, key, value))
-        probs = torch.softmax((query @ key.transpose(-1, -2)) * attn.scale, dim=-1)  # (B, heads, L, T)
+        scores = (query @ key.transpose(-1, -2)) * attn.scale  # (B, heads, L, T)
+        if attention_mask is not None:  # PixArt: an additive bias that hides padding tokens
+            bias = attn.prepare_attention_mask(attention_mask, key.shape[-2], batch)
+            scores = scores + bias.view(batch, heads, -1, key.shape[-2])
+        probs = torch.softmax(scores, dim=-1)
         if self.recording:
             mass = torch.zeros(batch, length, dtype=torch.float32, device=probs.device)
             for b, (first, end) in enumerate(self.token_spans):
                 mass[b] = probs[b, :, :, first:end].float().sum(-1).mean(0)
             self.maps.append(mass)
         out = (probs @ value).transpose(1, 2).reshape(batch, length, heads * dim)
-        out = attn.to_out[0](out)
-        return attn.to_out[1](out)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
 
 
 def _cross_attention_names(denoiser) -> list[str]:
@@ -111,11 +122,14 @@ def _cross_attention_names(denoiser) -> list[str]:
 
 def prompt_token_spans(pipe, prompts: list[str]) -> list[tuple[int, int]]:
     """(first, end) positions of each prompt's own tokens in the text encoder's sequence:
-    after the start token, before the end token and padding."""
+    after the start token (CLIP has one, T5 not), before the end token and padding."""
+    tokenizer = pipe.tokenizer
     spans = []
     for prompt in prompts:
-        ids = pipe.tokenizer(prompt, truncation=True, max_length=pipe.tokenizer.model_max_length).input_ids
-        spans.append((1, max(2, len(ids) - 1)))
+        ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
+        first = 1 if tokenizer.bos_token_id is not None and ids and ids[0] == tokenizer.bos_token_id else 0
+        end = len(ids) - 1 if tokenizer.eos_token_id is not None and ids and ids[-1] == tokenizer.eos_token_id else len(ids)
+        spans.append((first, max(first + 1, end)))
     return spans
 
 
@@ -153,13 +167,23 @@ class StructureGuidedTiles:
         self.step = 0
         self.branch_calls = 0
         self.weights = None
+        # the prediction's channels: twice the latent's where the model also predicts variance (PixArt)
+        self.out_channels = denoiser.config.out_channels
+
+    def finish(self, latents: torch.Tensor) -> torch.Tensor:
+        """The final latent (single process: already whole)."""
+        return latents
 
     def _branch(self, sample, args, kwargs):
         """(G, M): the branch's prediction on the subsampled global view (native size) and
         the structure mask at HR size."""
-        self.branch_calls += 1
         native = (self.grid.tile_h, self.grid.tile_w)
-        view = F.interpolate(sample, size=native, mode="nearest")
+        return self._branch_on(F.interpolate(sample, size=native, mode="nearest"), args, kwargs)
+
+    def _branch_on(self, view, args, kwargs):
+        """(G, M) from the global view at native size."""
+        self.branch_calls += 1
+        native = tuple(view.shape[-2:])
         self.maps.clear()
         self.recorder.recording = True
         try:
@@ -170,21 +194,22 @@ class StructureGuidedTiles:
         if self.cfg:  # the conditional half's layout for both halves (linearity of CFG)
             half = mask.shape[0] // 2
             mask = torch.cat([mask[half:], mask[half:]])
-        return guide, mask.to(sample.dtype)
+        return guide, mask.to(view.dtype)
 
-    def _guide(self, eps, guide, mask, w: float):
+    def _guide(self, eps, guide, mask, w: float, down_eps=None):
         """eps + w * M * up(G - eps on the branch's pixels). The difference is taken where the
         branch and the tiles predict the noise of the same latent pixels, so it carries only
         their disagreement about structure, and is upsampled smoothly; pulling eps towards
         a smooth upsampled G itself would wipe out the per-pixel noise prediction."""
-        native = guide.shape[-2:]
-        residual = guide - F.interpolate(eps, size=native, mode="nearest")
+        if down_eps is None:  # eps on the branch's pixels (given when eps is valid on a region only)
+            down_eps = F.interpolate(eps, size=guide.shape[-2:], mode="nearest")
+        residual = guide - down_eps
         up = F.interpolate(residual.float(), size=eps.shape[-2:], mode="bilinear", align_corners=False)
         return eps + w * mask * up.to(eps.dtype)
 
     def _sum_tiles(self, sample, tiles, args, kwargs) -> torch.Tensor:
         """The sum of `tiles`' predictions, each in its window of a zero latent."""
-        total = torch.zeros_like(sample)
+        total = sample.new_zeros(sample.shape[0], self.out_channels, *sample.shape[2:])
         for tile in tiles:
             ys, xs = self.grid.window(tile)
             total[..., ys, xs] += self.forward(sample[..., ys, xs].contiguous(), *args, **kwargs)[0]
@@ -221,11 +246,11 @@ def structure_guided(pipe, denoiser, grid: TileGrid, steps: int, strength: float
     (several ranks) the tiles and the branch are spread over the ranks."""
     cross = set(_cross_attention_names(denoiser)) if hasattr(denoiser, "attn_processors") else set()
     if not cross:
-        raise NotImplementedError(f"asg needs a denoiser with cross-attention (UNet); got {type(denoiser).__name__}")
+        raise NotImplementedError(f"asg needs a denoiser with cross-attention (UNet, PixArt); got {type(denoiser).__name__}")
     common = (denoiser, grid, steps, strength, detail_steps, prompt_token_spans(pipe, prompts), cfg)
     if topo is not None and topo.distributed:
         wrapper = ParallelStructureGuidedTiles(
-            *common, channel=GuidanceChannel(topo.world_size - 1, stats), stats=stats, rank=topo.rank,
+            *common, strips_group=topo.world, branch_group=topo.side_group(), stats=stats, rank=topo.rank,
             world=topo.world_size, staleness=staleness)
     else:
         wrapper = StructureGuidedTiles(*common)
@@ -242,18 +267,29 @@ def structure_guided(pipe, denoiser, grid: TileGrid, steps: int, strength: float
 
 class ParallelStructureGuidedTiles(StructureGuidedTiles):
     """ASG over ranks: ranks 0..N-2 denoise their share of the tiles, rank N-1 runs the
-    structure branch. Every rank holds the whole HR latent (the pipeline runs everywhere);
-    one all-reduce per step sums the tiles' predictions, and the branch's guidance is
-    broadcast asynchronously. A tile rank applies at step k the guidance computed at step
-    k - staleness (step 0 always uses its own), so with staleness 1 the branch's work runs
-    beside the tiles' instead of before them; with staleness 0 the result equals the
-    single-process reference up to float reassociation of the sum."""
+    structure branch.
 
-    def __init__(self, *args, channel, stats, rank: int, world: int, staleness: int, **kwargs):
+    A tile rank's latent is valid on its own region (the union of its tiles) only: the
+    pipeline and the elementwise scheduler run over the whole latent everywhere, but only
+    the region is ever read. Per step a tile rank (1) sends the branch the view pixels it
+    owns, (2) denoises its tiles, (3) swaps overlap strips with the tile ranks it shares
+    positions with (`comms.asg_channel.StripExchange`), completing the average on its
+    region, and (4) applies the guidance computed at step k - staleness (step 0 always
+    its own). The branch rank assembles the global view from the view pixels, runs the
+    branch and broadcasts the guidance asynchronously; with staleness 1 that runs beside
+    the tiles' next step instead of before it. After the last step `finish` assembles the
+    whole latent. With staleness 0 the result equals the single-process reference up to
+    float reassociation of the sums."""
+
+    def __init__(self, *args, strips_group, branch_group, stats, rank: int, world: int, staleness: int, **kwargs):
         super().__init__(*args, **kwargs)
-        self.channel, self.stats = channel, stats
+        self.stats = stats
         self.is_branch = rank == world - 1
-        self.my_tiles = [] if self.is_branch else self.grid.assign(world - 1)[rank]
+        tile_ranks = world - 1
+        self.plan = TilePlan.build(self.grid, tile_ranks, min(rank, tile_ranks - 1))
+        self.my_tiles = [] if self.is_branch else self.grid.assign(tile_ranks)[rank]
+        self.strips = None if self.is_branch else StripExchange(self.plan, stats, strips_group)
+        self.channel = BranchChannel(world - 1, stats, branch_group)
         self.staleness = staleness
         self.posted: dict = {}  # step -> broadcast in flight
         self.ready: dict = {}  # step -> (G, M) received
@@ -271,25 +307,43 @@ class ParallelStructureGuidedTiles(StructureGuidedTiles):
         users = [j] if self.staleness == 0 else ([0, 1] if j == 0 else [j + 1])
         return any(self._weight(k) > 0 for k in users)
 
+    def _shapes(self, sample):
+        batch = sample.shape[0]
+        return [(batch, self.out_channels, self.grid.tile_h, self.grid.tile_w),
+                (batch, 1, self.grid.height, self.grid.width)]
+
     def __call__(self, sample, *args, return_dict=True, **kwargs):
         k = self.step
         self.step += 1
         self.stats.step = k
+        kwargs["return_dict"] = False
+        if self.is_branch:
+            out = self._branch_step(k, sample, args, kwargs)
+        else:
+            out = self._tile_step(k, sample, args, kwargs)
+        return self._output(out, return_dict)
+
+    def _branch_step(self, k: int, sample, args, kwargs) -> torch.Tensor:
+        """Run the branch on the assembled view when a tile step will use it. The branch's
+        own latent is never read, so its prediction is zeros."""
+        if self._computed(k):
+            native = (self.grid.tile_h, self.grid.tile_w)
+            view = self.channel.gather_view(sample, self.plan, native)
+            guide, mask = self._branch_on(view, args, kwargs)
+            self.channel.post(0, sample.dtype, sample.device, torch.cat([guide.flatten(), mask.flatten()]))
+        self.guidance_wait_s.append(0.0)
+        return sample.new_zeros(sample.shape[0], self.out_channels, *sample.shape[2:])
+
+    def _tile_step(self, k: int, sample, args, kwargs) -> torch.Tensor:
         w = self._weight(k)
+        shapes = self._shapes(sample)
+        if self._computed(k):  # view out and guidance posted before the tiles: both travel meanwhile
+            self.channel.send_view(sample, self.plan)
+            self.posted[k] = self.channel.post(sum(math.prod(s) for s in shapes), sample.dtype, sample.device)
         if self.weights is None:
             self.weights = self.grid.weights(sample.device, sample.dtype)
-        kwargs["return_dict"] = False
-        batch, channels = sample.shape[:2]
-        shapes = [(batch, channels, self.grid.tile_h, self.grid.tile_w), (batch, 1, self.grid.height, self.grid.width)]
-        numel = sum(math.prod(s) for s in shapes)
-        if self._computed(k):  # post this step's guidance before the tiles: it travels meanwhile
-            packed = None
-            if self.is_branch:
-                guide, mask = self._branch(sample, args, kwargs)
-                packed = torch.cat([guide.flatten(), mask.flatten()])
-            self.posted[k] = self.channel.post(numel, sample.dtype, sample.device, packed)
-        partial = self._sum_tiles(sample, self.my_tiles, args, kwargs)
-        out = sum_predictions(partial, self.stats) / self.weights
+        partial, down = self.strips.complete(self._sum_tiles(sample, self.my_tiles, args, kwargs), with_view=w > 0)
+        out = partial / self.weights
         waited = 0.0
         if w > 0:
             j = self._source(k)
@@ -298,6 +352,15 @@ class ParallelStructureGuidedTiles(StructureGuidedTiles):
                 split = math.prod(shapes[0])
                 self.ready = {j: (flat[:split].view(shapes[0]), flat[split:].view(shapes[1]))}
             guide, mask = self.ready[j]
-            out = self._guide(out, guide, mask, w)
+            down_eps = (down / self.weights.flatten()[self.plan.view]).view(shapes[0])
+            out = self._guide(out, guide, mask, w, down_eps)
         self.guidance_wait_s.append(waited)
-        return self._output(out, return_dict)
+        return out
+
+    def finish(self, latents: torch.Tensor) -> torch.Tensor:
+        """The whole final latent on every rank, from each tile rank's own positions."""
+        self.channel.finish()
+        if latents.ndim != 4:
+            raise RuntimeError(f"asg expects spatial latents (B, C, H, W), got {tuple(latents.shape)}")
+        owned = None if self.is_branch else self.plan.owned(self.plan.index).to(latents.device)
+        return assemble_latents(latents, owned, self.stats)

@@ -260,7 +260,7 @@ class RankRuntime:
         with structure_guided(self.pipe, self.denoiser, grid, request.num_inference_steps, cfg.asg_strength,
                               detail, list(request.prompt), guided, topo=self.topo if parallel else None,
                               stats=self.stats, staleness=cfg.asg_staleness) as asg:
-            latents = self._denoise(request)
+            latents = asg.finish(self._denoise(request))
         mine = {}
         if parallel:
             waits = asg.guidance_wait_s

@@ -80,3 +80,68 @@ class TileGrid:
             out.append(tiles[start:start + n])
             start += n
         return out
+
+
+def view_index(height: int, width: int, native: tuple[int, int]) -> torch.Tensor:
+    """Flat (row * width + column) indices of the latent positions a nearest-neighbour
+    downsampling to `native` picks, in row-major order of the native grid. Built with
+    F.interpolate itself, so it picks exactly what the single-process branch sees."""
+    import torch.nn.functional as F
+
+    flat = torch.arange(height * width, dtype=torch.float64).view(1, 1, height, width)
+    return F.interpolate(flat, size=native, mode="nearest").flatten().long()
+
+
+@dataclass
+class TilePlan:
+    """What one tile rank exchanges in a parallel ASG step, from the geometry alone (every
+    rank builds the same plan, so receive sizes need no handshake).
+
+    - `shared[s]`: positions covered by both this rank's tiles and tile rank s's: the overlap
+      strips whose partial sums the two ranks swap so each completes the average over its
+      own region.
+    - `view_covered[s]`: which of the branch's view pixels tile rank s covers (it sends its
+      partial sums there, so every tile rank knows the averaged prediction on the branch's
+      grid, which the guidance needs just outside its own region too).
+    - `view_owned[s]`: the view pixels tile rank s sends the branch (each pixel by the lowest
+      rank covering it), from which the branch assembles its global view.
+    """
+
+    grid: TileGrid
+    tile_ranks: int
+    index: int  # this rank's place among the tile ranks
+    covers: list  # per tile rank: (H, W) bool
+    view: torch.Tensor  # flat indices of the branch's view pixels
+
+    @classmethod
+    def build(cls, grid: TileGrid, tile_ranks: int, index: int) -> "TilePlan":
+        covers = []
+        for tiles in grid.assign(tile_ranks):
+            cover = torch.zeros(grid.height, grid.width, dtype=torch.bool)
+            for tile in tiles:
+                cover[grid.window(tile)] = True
+            covers.append(cover)
+        return cls(grid, tile_ranks, index, covers, view_index(grid.height, grid.width, (grid.tile_h, grid.tile_w)))
+
+    @property
+    def region(self) -> torch.Tensor:
+        return self.covers[self.index]
+
+    def shared(self, peer: int) -> torch.Tensor:
+        return self.covers[self.index] & self.covers[peer]
+
+    def view_covered(self, rank: int) -> torch.Tensor:
+        return self.covers[rank].flatten()[self.view]
+
+    def view_owned(self, rank: int) -> torch.Tensor:
+        earlier = torch.zeros_like(self.view, dtype=torch.bool)
+        for r in range(rank):
+            earlier |= self.view_covered(r)
+        return self.view_covered(rank) & ~earlier
+
+    def owned(self, rank: int) -> torch.Tensor:
+        """(H, W): positions whose final value tile rank `rank` contributes (lowest rank covering)."""
+        earlier = torch.zeros_like(self.covers[0])
+        for r in range(rank):
+            earlier |= self.covers[r]
+        return self.covers[rank] & ~earlier

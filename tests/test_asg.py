@@ -3,6 +3,8 @@ single-process reference algorithm (one rank computes every tile and the branch)
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -78,6 +80,41 @@ def test_structure_guidance_changes_the_tiled_result(pool):
     assert rel_l2(guided.latents.numpy(), tiled.latents.numpy()) > 1e-3
 
 
+def _multidiffusion(model: str, grid: TileGrid, **request) -> np.ndarray:
+    """Plain tiled generation written out here, independently of engine.asg: the model's
+    prediction is every tile's prediction averaged where tiles overlap."""
+    from engine.models import load_pipeline
+
+    pipe = load_pipeline(model, torch.device("cpu"))
+    pipe.set_progress_bar_config(disable=True)
+    forward = pipe.unet.forward
+
+    def tiled(sample, *args, **kwargs):
+        kwargs["return_dict"] = False
+        total, count = torch.zeros_like(sample), torch.zeros_like(sample)
+        for y, x in grid.tiles:
+            window = (..., slice(y, y + grid.tile_h), slice(x, x + grid.tile_w))
+            total[window] += forward(sample[window], *args, **kwargs)[0]
+            count[window] += 1
+        return (total / count,)
+
+    pipe.unet.forward = tiled
+    generator = torch.Generator("cpu").manual_seed(request.pop("seed"))
+    request.pop("progress")
+    with torch.no_grad():
+        return pipe(prompt=[PROMPT], generator=generator, output_type="latent", **request).images.numpy()
+
+
+def test_asg_without_guidance_is_plain_tiled_generation(pool):
+    engine = pool.serial_engine("tiny-sd")
+    asg = engine.generate(PROMPT, height=384, width=320, parallel=ParallelConfig(
+        strategy="asg", asg_tile_overlap=8, asg_strength=0.0), **REQUEST)
+    grid = TileGrid.cover(48, 40, 32, 32, 8)
+    assert asg.report["asg"]["tiles"] == len(grid.tiles) == 4
+    tiled = _multidiffusion("tiny-sd", grid, height=384, width=320, **REQUEST)
+    assert rel_l2(asg.latents.numpy(), tiled) <= 1e-6
+
+
 def test_asg_bad_input_fails_before_work(pool):
     engine = pool.serial_engine("tiny-sd")
     with pytest.raises(ConfigError, match="smaller than the model's native"):
@@ -94,6 +131,8 @@ def test_asg_bad_input_fails_before_work(pool):
     with pytest.raises(ConfigError, match="only 1 tiles"):
         build_request(describe_model("tiny-sd"), ParallelConfig(strategy="asg", world_size=3), PROMPT,
                       height=256, width=256)
+    with pytest.raises(ConfigError, match="tiny-sd3 is a StableDiffusion3Pipeline"):  # joint attention: no mask
+        build_request(describe_model("tiny-sd3"), ParallelConfig(strategy="asg"), PROMPT, height=512, width=512)
     with pytest.raises(ConfigError, match="cfg_split does not apply"):
         build_request(describe_model("tiny-sd"), ParallelConfig(strategy="asg", world_size=2, cfg_split=True),
                       PROMPT, height=512, width=512)
@@ -120,9 +159,14 @@ def test_parallel_asg_without_staleness_equals_the_reference(pool, asg_reference
     assert err <= 1e-5, f"parallel asg (staleness 0) differs from the reference: rel L2 {err:.2e}"
     roles = [(p["asg_role"], p["asg_tiles"], p["asg_branch_calls"]) for p in result.report["per_rank"]]
     assert roles == [("tiles", 2, 0), ("tiles", 2, 0), ("branch", 0, 5)]  # guided on 5 of 6 steps
-    for part in result.report["per_rank"]:
+    latent_bytes = result.latents.numel() * 4 * 2  # the CFG batch of the whole latent, float32
+    for part in result.report["per_rank"][:2]:  # tile ranks: strips and view pixels really exchanged
         kinds = part["per_step"][0]["bytes_by_kind"]
-        assert kinds["tiles"]["sent"] > 0 and "guidance" in kinds  # really exchanged
+        # 16 shared rows + the 22 view rows rank 0 covers, of 48: less than the whole latent
+        assert 0 < kinds["tiles"]["sent"] < latent_bytes, kinds
+        assert kinds["view"]["sent"] > 0 and kinds["guidance"]["received"] > 0
+    branch = result.report["per_rank"][2]["per_step"][0]["bytes_by_kind"]
+    assert "tiles" not in branch and branch["view"]["received"] > 0 and branch["guidance"]["sent"] > 0
 
 
 def test_parallel_asg_with_stale_guidance_stays_close_and_never_waits_long(pool, asg_reference):
@@ -138,3 +182,15 @@ def test_parallel_asg_with_stale_guidance_stays_close_and_never_waits_long(pool,
         step_time = part["compute_s"] / len(steps)
         late = part["guidance_wait_per_step_s"][1:]
         assert max(late) < 0.25 * step_time, (late, step_time)
+
+
+def test_parallel_asg_on_a_dit_equals_its_reference(pool):
+    """PixArt (a DiT with cross-attention, predicting mean and variance): the same algorithm,
+    tiles on ranks 0-1 and the branch on rank 2, equals the single-process run."""
+    config = ParallelConfig(asg_staleness=0, **ASG)
+    ref = pool.serial_engine("tiny-pixart").generate(PROMPT, parallel=config, **PAR)
+    off = pool.serial_engine("tiny-pixart").generate(PROMPT, parallel=replace(config, asg_strength=0.0), **PAR)
+    assert rel_l2(ref.latents.numpy(), off.latents.numpy()) > 1e-3  # the guidance does act on a DiT
+    result = pool.parallel_engine("tiny-pixart", 3).generate(PROMPT, parallel=config, **PAR)
+    err = rel_l2(result.latents.numpy(), ref.latents.numpy())
+    assert err <= 1e-5, f"parallel asg on tiny-pixart differs from the reference: rel L2 {err:.2e}"
