@@ -81,7 +81,7 @@ class _InProcess:
     """Serial, or one rank of a torchrun job: the runtime lives in this process."""
 
     def __init__(self, model, parallel: ParallelConfig, rank, world, local_rank, device, dtype):
-        from engine.runtime import RankRuntime
+        from engine.runtime import make_runtime
 
         self.watch = None
         if world > 1:
@@ -92,7 +92,7 @@ class _InProcess:
                 self.watch = FailureWatch(rank, *address)
         try:
             topo = groups.init_distributed(rank, world, local_rank, device, parallel.comm_timeout_s)
-            self.runtime = RankRuntime(model, topo, dtype)
+            self.runtime = make_runtime(model, topo, dtype)
         except BaseException as exc:
             self._report(exc)
             raise
@@ -108,6 +108,17 @@ class _InProcess:
         except BaseException as exc:
             self._report(exc)
             raise
+
+    def stream(self, request):
+        try:
+            yield from self.runtime.stream(request)
+        except GeneratorExit:
+            raise
+        except BaseException as exc:
+            self._report(exc)
+            raise
+        finally:
+            self.last_reports = [getattr(self.runtime, "last_report", None)]
 
     def close(self):
         if self.watch is not None:
@@ -152,10 +163,16 @@ class Engine:
         env = groups.env_world()
         if env is not None and env[1] > 1 and launcher == "ray":
             raise ConfigError("launcher='ray' starts its own ranks; do not run it under torchrun")
+        from engine.video import is_video_model
+
+        video = is_video_model(model)
         if parallel is None:
             world = env[1] if env else 1
-            parallel = ParallelConfig(strategy="patch" if world > 1 else "none", world_size=world)
+            parallel = ParallelConfig(strategy=("tpp" if video else "patch") if world > 1 else "none", world_size=world)
         parallel = parallel.validate()
+        if video and parallel.strategy not in ("none", "tpp"):
+            raise ConfigError(f"{model} is a streaming video model: use strategy 'tpp' (or 'none' on one rank), "
+                              f"not {parallel.strategy!r}")
         ray = launcher == "ray"
         _check_device(device, env[1] if env else parallel.world_size or 1,
                       local_ranks=1 if env or ray else None, cluster=ray)
@@ -233,6 +250,29 @@ class Engine:
             latents=torch.from_numpy(output.latents),
             report=report,
         )
+
+    def stream(self, prompt: str, num_chunks: int | None = None, steps: int | None = None, seed: int = 0,
+               height: int | None = None, width: int | None = None, kv_window: int | None = None,
+               progress: bool = False, float_frames: bool = False) -> "VideoStream":
+        """Stream video frames for `prompt` from a causal video model: an iterator of frames,
+        (H, W, 3) uint8 numpy arrays, produced while you consume them. `num_chunks=None`
+        streams until you stop iterating (or call `.close()`), which stops every rank.
+        `steps` per chunk, frame size and `kv_window` default to the model's settings;
+        `float_frames` gives float32 frames in [0, 1] as decoded. The stream's `report`
+        (throughput, time to first frame, per-rank busy/wait and bytes) is set when it ends."""
+        from engine.stream import build_stream_request
+        from engine.streaming import VideoStream
+
+        if getattr(self.info, "kind", "image") != "video":
+            raise ConfigError(f"{self.model} is an image model: stream needs a causal video model "
+                              "(e.g. tiny-causal-video); use generate()")
+        if self.launch == "ray":
+            raise ConfigError("stream runs on the local launcher, torchrun or one rank; Ray is not supported yet")
+        if self.launch == "torchrun" and num_chunks is None:
+            raise ConfigError("under torchrun a stream needs num_chunks: a caller on one rank cannot stop the others")
+        request = build_stream_request(self.info, self.parallel.strategy, self.parallel.world_size or 1, prompt,
+                                       num_chunks, steps, seed, height, width, kv_window)
+        return VideoStream(self, request, progress, float_frames)
 
     def restart(self) -> None:
         """Bring a failed rank group back: new local processes or Ray actors (a torchrun job

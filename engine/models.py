@@ -28,6 +28,10 @@ def check_model_spec(model: str) -> None:
         raise ConfigError("model must be a preset name, a local diffusers directory or a hub id")
     if model in PRESETS:
         return
+    from engine.video import is_video_model
+
+    if is_video_model(model):
+        return
     if model in TRAINED_PRESETS:
         _trained_dir(model)
         return
@@ -146,7 +150,12 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype | None = 
 
 
 def save_preset(name: str, path: str) -> str:
-    """Write a preset as an ordinary diffusers directory (loadable with from_pretrained)."""
+    """Write a preset as an ordinary diffusers directory (loadable with from_pretrained);
+    a video preset as the directory layout of engine.video."""
+    from engine.video import VIDEO_PRESETS, load_video_model, save_video_model
+
+    if name in VIDEO_PRESETS:
+        return save_video_model(load_video_model(name), path)
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(sorted(PRESETS))}")
     PRESETS[name]().save_pretrained(path)

@@ -64,6 +64,12 @@ def build_request(
     progress=True,
 ) -> GenerateRequest:
     parallel = parallel.validate()
+    if getattr(info, "kind", "image") == "video":
+        raise ConfigError(f"{info.name} is a streaming video model: call engine.stream(...) "
+                          "(CLI: tessera stream), not generate")
+    if parallel.strategy == "tpp":
+        raise ConfigError(f"strategy 'tpp' streams video from a causal video model (e.g. tiny-causal-video); "
+                          f"{info.name} is an image model")
     world = parallel.world_size or 1
     prompts = _prompts(prompt, "prompt")
     height = info.native_size if height is None else _positive_int(height, "height")

@@ -18,6 +18,7 @@ from comms import CommStats, Topology
 from comms.collectives import all_gather_object
 from engine.asg import asg_plan, structure_guided
 from engine.decode import decode_latents, decode_latents_parallel
+from engine.faults import FAULT_ENV, injected_fault_step
 from engine.fidelity import compare
 from engine.latents import spatial_latents
 from engine.models import denoiser_of, info_from_pipeline, load_pipeline, pipeline_call_kwargs, resolve_scheduler
@@ -42,19 +43,11 @@ def _peak_memory(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # process peak RSS
 
 
-FAULT_ENV = "TESSERA_INJECT_FAULT"
-
-
 def _injected_fault(rank: int):
-    """Testing hook for failure handling: TESSERA_INJECT_FAULT="rank=R,step=S" makes rank R
-    raise after denoising step S, so tests can check that every other rank stops fast."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
+    """The pipeline callback of the testing hook in engine.faults (None when not armed)."""
+    at_step = injected_fault_step(rank)
+    if at_step is None:
         return None
-    fields = dict(item.split("=", 1) for item in spec.split(","))
-    if int(fields.get("rank", -1)) != rank:
-        return None
-    at_step = int(fields.get("step", 0))
 
     def callback(pipe, step, timestep, kwargs):
         if step == at_step:
@@ -62,6 +55,17 @@ def _injected_fault(rank: int):
         return kwargs
 
     return callback
+
+
+def make_runtime(model: str, topo: Topology, dtype: torch.dtype | None = None):
+    """The runtime for `model`: a streaming video runtime or the image runtime."""
+    from engine.video import is_video_model
+
+    if is_video_model(model):
+        from engine.stream import VideoRuntime
+
+        return VideoRuntime(model, topo, dtype)
+    return RankRuntime(model, topo, dtype)
 
 
 class RankRuntime:

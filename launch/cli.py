@@ -1,7 +1,8 @@
-"""`tessera` command line: generate (and save-preset).
+"""`tessera` command line: generate, stream (launch/stream_cli.py) and save-preset.
 
     tessera generate --model tiny-sd --prompt "a red circle" --height 512 --width 512 \\
         --strategy patch --nproc 2 --out out.png --report report.json --compare-serial
+    tessera stream --model tiny-causal-video --chunks 12 --nproc 3 --out video.gif
 
 `--nproc N` spawns N local ranks; under torchrun the world comes from the environment
 (every rank runs the command, rank 0 writes the files).
@@ -61,6 +62,10 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--report", default=None, help="write the JSON report here")
     gen.add_argument("--compare-serial", action="store_true", help="also run serially and report fidelity")
     gen.add_argument("--no-progress", action="store_true")
+
+    from launch.stream_cli import add_parser as add_stream_parser
+
+    add_stream_parser(sub)
 
     save = sub.add_parser("save-preset", help="write a built-in preset as a diffusers directory")
     save.add_argument("name")
@@ -160,6 +165,10 @@ def main(argv=None) -> int:
 
             print(save_preset(args.name, args.path))
             return 0
+        if args.command == "stream":
+            from launch.stream_cli import stream_command
+
+            return stream_command(args)
         return generate(args)
     except ConfigError as exc:
         print(f"tessera: error: {exc}", file=sys.stderr)

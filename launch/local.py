@@ -30,10 +30,13 @@ class LocalLauncher:
         ctx = mp.get_context("spawn")
         self._results = ctx.Queue()
         self._requests = [ctx.Queue() for _ in range(world_size)]
+        self._stop = ctx.Event()  # streams: the caller stopped consuming
+        self._consumed = ctx.Value("i", 0)  # streams: chunks the caller has taken
         self._procs = [
             ctx.Process(
                 target=worker_main,
-                args=(rank, world_size, self._store.port, model, parallel, device, dtype, self._requests[rank], self._results),
+                args=(rank, world_size, self._store.port, model, parallel, device, dtype, self._requests[rank], self._results,
+                      (self._stop, self._consumed)),
                 name=f"tessera-rank{rank}",
                 daemon=True,
             )
@@ -51,6 +54,48 @@ class LocalLauncher:
         for q in self._requests:
             q.put(request)
         return self._collect("ok", None)[0]
+
+    def stream(self, request):
+        """Yield (chunk, frames, seconds) as the decoding rank sends them; afterwards
+        `last_reports` holds every rank's report. Closing the generator early stops the
+        pipeline (rank 0 starts no new chunk, the rest drain) and waits for every rank."""
+        if self.closed:
+            raise RankFailedError("this engine's ranks are stopped; call engine.restart() or make a new engine")
+        self._stop.clear()
+        self._consumed.value = 0
+        for q in self._requests:
+            q.put(request)
+        done: dict = {}
+        try:
+            while len(done) < self.world_size:
+                kind, rank, payload = self._next_message()
+                if kind == "frames":
+                    yield payload
+                    self._consumed.value += 1
+                elif kind == "ok":
+                    done[rank] = payload
+        finally:
+            if len(done) < self.world_size and not self.closed:
+                self._stop.set()  # stopped early: let the pipeline drain, discard its frames
+                while len(done) < self.world_size:
+                    kind, rank, payload = self._next_message()
+                    if kind == "ok":
+                        done[rank] = payload
+            self.last_reports = [done[r] for r in sorted(done)]
+
+    def _next_message(self):
+        """The next result message; fails fast on an error or a dead rank."""
+        while True:
+            try:
+                kind, rank, payload = self._results.get(timeout=0.2)
+            except queue.Empty:
+                dead = [(r, p.exitcode) for r, p in enumerate(self._procs) if p.exitcode is not None]
+                if dead:
+                    self._fail(*self._dead_rank_message(dead))
+                continue
+            if kind == "error":
+                self._fail(f"rank {rank} failed: {payload[0]}", payload[1])
+            return kind, rank, payload
 
     def _collect(self, kind: str, timeout_s: float | None) -> dict:
         """Wait for one `kind` message per rank; fail fast on an error or a dead rank."""

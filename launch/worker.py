@@ -25,8 +25,25 @@ def configure_threads(threads: int | None, local_world: int) -> None:
     torch.set_num_threads(threads or max(1, cores // max(1, local_world)))
 
 
-def worker_main(rank, world_size, store_port, model, parallel, device, dtype, requests, results):
-    """Entry point of a spawned rank. Talks to the parent only through two queues."""
+MAX_CHUNKS_AHEAD = 4  # a stream's rank 0 waits when the consumer is this many chunks behind
+
+
+def serve_stream(runtime, request, rank, results, stop, consumed) -> None:
+    """Run this rank's part of a stream: frames go to the parent as they are decoded."""
+    import time
+
+    def may_start(chunk):  # backpressure: the parent counts the chunks its caller consumed
+        while chunk - consumed.value >= MAX_CHUNKS_AHEAD and not stop.is_set():
+            time.sleep(0.002)
+
+    for chunk, frames, at in runtime.stream(request, should_stop=stop.is_set, may_start=may_start):
+        results.put(("frames", rank, (chunk, frames, at)))
+    results.put(("ok", rank, runtime.last_report))
+
+
+def worker_main(rank, world_size, store_port, model, parallel, device, dtype, requests, results, control=None):
+    """Entry point of a spawned rank. Talks to the parent only through two queues (and, for
+    streams, a stop event and a consumed-chunks counter in `control`)."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(store_port),
@@ -42,7 +59,8 @@ def worker_main(rank, world_size, store_port, model, parallel, device, dtype, re
 
         from comms.failure import FailureWatch
         from comms.groups import init_distributed
-        from engine.runtime import RankRuntime
+        from engine.runtime import make_runtime
+        from engine.stream import StreamRequest
 
         watch = FailureWatch(rank, "127.0.0.1", store_port, exit_on_store_loss=True)
         import datetime
@@ -52,12 +70,15 @@ def worker_main(rank, world_size, store_port, model, parallel, device, dtype, re
             timeout=datetime.timedelta(seconds=parallel.comm_timeout_s),
         )
         topo = init_distributed(rank, world_size, rank, device, parallel.comm_timeout_s, store=store)
-        runtime = RankRuntime(model, topo, dtype)
+        runtime = make_runtime(model, topo, dtype)
         results.put(("ready", rank, runtime.info))
         while True:
             request = requests.get()
             if request is None:
                 break
+            if isinstance(request, StreamRequest):
+                serve_stream(runtime, request, rank, results, *control)
+                continue
             output = runtime.run(request)
             results.put(("ok", rank, output if rank == 0 else None))
     except BaseException as exc:  # report anything, then leave: the group is unusable now

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-STRATEGIES = ("none", "patch", "patch-sync", "pcpp", "asg")
+STRATEGIES = ("none", "patch", "patch-sync", "pcpp", "asg", "tpp")
 PATCH_STRATEGIES = ("patch", "patch-sync", "pcpp")  # those that split the latent into row bands
 GN_MODES = ("corrected", "sync")
 
@@ -32,6 +32,8 @@ class ParallelConfig:
                    tile), the guidance weight at the noisiest step, the last steps run
                    without guidance (None: a quarter of the steps), and how many steps old
                    the guidance a tile uses may be in a parallel run (0 or 1).
+                   "tpp" streams video from a causal video model (engine.stream): rank r
+                   owns a run of the denoising steps of every chunk (engine/stream.py).
     gn_mode:       "corrected" (stale global GroupNorm statistics corrected with fresh
                    local ones) or "sync" (exact all-gather of statistics every step).
     cfg_split:     put the unconditional and conditional halves of a guided batch on two

@@ -1,0 +1,225 @@
+"""Streaming video: the timestep-forcing algorithm, on one rank or pipelined over ranks.
+
+The algorithm (after Self-Forcing / StreamDiT-style causal few-step models): chunk c starts
+as noise; step k (k = 0..T-1) runs the model once at noise level sigma_k with the KV cache
+*of step k*, writes the chunk's keys/values into that cache (timestep forcing: cache k holds
+past chunks as they looked at noise level k; there is no extra clean pass), and takes the
+Euler step to sigma_{k+1}. After step T-1 the chunk is clean and is decoded into frames.
+
+- `strategy="none"` (one rank) runs the steps of each chunk in order, one cache per step:
+  the reference and the baseline.
+- `strategy="tpp"`: rank r owns a run of steps (`parallel.tpp.StagePlan`) and their caches,
+  receives each chunk's latent from rank r - 1 (rank 0 draws the noise), runs its steps and
+  sends the latent on asynchronously (`comms.chunk_link.ChunkLink`); the last rank decodes.
+  Every rank does exactly the computations the single rank does, on the same inputs, so the
+  frames are equal.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from comms import CommStats
+from comms.chunk_link import STOP, ChunkLink
+from engine.causal_video import ChunkKVCache
+from engine.faults import FAULT_ENV, injected_fault_step
+from engine.video import VideoModel, flow_sigmas, load_video_model
+from parallel.config import ConfigError
+from parallel.tpp import StagePlan
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What validation needs to know about a video model, from its configs alone."""
+
+    name: str
+    frames_per_chunk: int
+    height: int
+    width: int
+    steps: int
+    max_steps: int
+    kv_window: int
+    shift: float
+    spatial_factor: int  # pixels per latent token side: VAE factor x patch size
+    kind: str = "video"
+
+
+def video_info(model: VideoModel) -> VideoInfo:
+    s = model.spec
+    return VideoInfo(model.name, s.frames_per_chunk, s.height, s.width, s.steps, s.max_steps, s.kv_window,
+                     s.shift, model.vae_factor * model.transformer.config.patch_size[1])
+
+
+def describe_video(spec: str) -> VideoInfo:
+    """VideoInfo from configs alone (a preset is cheap to build), to validate before launch."""
+    import json
+    import os
+
+    from engine.video import VIDEO_PRESETS, StreamSpec
+
+    if spec in VIDEO_PRESETS:
+        return video_info(load_video_model(spec))
+
+    def read(*parts):
+        with open(os.path.join(spec, *parts)) as f:
+            return json.load(f)
+
+    s = StreamSpec(**read("stream_config.json"))
+    factor = 2 ** (len(read("vae", "config.json")["dim_mult"]) - 1) * read("transformer", "config.json")["patch_size"][1]
+    return VideoInfo(os.path.basename(os.path.normpath(spec)), s.frames_per_chunk, s.height, s.width, s.steps,
+                     s.max_steps, s.kv_window, s.shift, factor)
+
+
+@dataclass(frozen=True)
+class StreamRequest:
+    prompt: str
+    num_chunks: int | None  # None: until the caller stops
+    steps: int
+    seed: int
+    height: int
+    width: int
+    kv_window: int
+    strategy: str  # "none" or "tpp"
+    world_size: int
+
+
+def build_stream_request(info: VideoInfo, strategy: str, world_size: int, prompt: str, num_chunks=None,
+                         steps: int | None = None, seed: int = 0, height: int | None = None,
+                         width: int | None = None, kv_window: int | None = None) -> StreamRequest:
+    """Check a stream request before any rank works; errors say what to change."""
+    if not isinstance(prompt, str) or not prompt:
+        raise ConfigError("stream needs one non-empty prompt string")
+    if strategy not in ("none", "tpp"):
+        raise ConfigError(f"a video model streams with strategy 'tpp' (or 'none', one rank); got {strategy!r}")
+    steps = info.steps if steps is None else steps
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= info.max_steps:
+        raise ConfigError(f"{info.name}: steps per chunk must be an integer in 1..{info.max_steps} "
+                          f"(the few-step schedule allows at most {info.max_steps}), got {steps!r}")
+    if num_chunks is not None and (not isinstance(num_chunks, int) or isinstance(num_chunks, bool) or num_chunks < 1):
+        raise ConfigError(f"num_chunks must be a positive integer or None (endless), got {num_chunks!r}")
+    height, width = height or info.height, width or info.width
+    f = info.spatial_factor
+    if height % f or width % f or height <= 0 or width <= 0:
+        raise ConfigError(f"{info.name}: frame size {height}x{width} must be a positive multiple of {f} "
+                          "(the VAE factor times the patch size)")
+    kv_window = info.kv_window if kv_window is None else kv_window
+    if not isinstance(kv_window, int) or isinstance(kv_window, bool) or kv_window < 0:
+        raise ConfigError(f"kv_window must be a non-negative integer (chunks), got {kv_window!r}")
+    if strategy == "tpp":
+        StagePlan.build(steps, world_size)  # raises when there are more ranks than steps
+    elif world_size != 1:
+        raise ConfigError(f"strategy 'none' streams on one rank; this engine has {world_size} (use 'tpp')")
+    return StreamRequest(prompt, num_chunks, steps, seed, height, width, kv_window, strategy, world_size)
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class VideoRuntime:
+    """One rank's video model and its part of a stream (the whole stream with one rank)."""
+
+    def __init__(self, model: str, topo, dtype: torch.dtype | None = None):
+        self.topo = topo
+        self.model = load_video_model(model, topo.device, dtype)
+        self.info = video_info(self.model)
+        self.dtype = next(self.model.transformer.parameters()).dtype
+        self._check_same_weights()
+
+    def _check_same_weights(self) -> None:
+        if not self.topo.distributed:
+            return
+        from comms.collectives import all_gather_object
+
+        with torch.no_grad():
+            params = list(self.model.transformer.parameters()) + list(self.model.vae.parameters())
+            fingerprint = round(float(sum(p.double().sum().item() for p in params)), 6)
+        prints = all_gather_object(fingerprint)
+        if len(set(prints)) != 1:
+            raise RuntimeError(f"ranks loaded different video models: {prints}")
+
+    def run(self, request):
+        raise ConfigError(f"{self.info.name} is a streaming video model: call engine.stream(...), not generate")
+
+    def stream(self, request: StreamRequest, should_stop=lambda: False, may_start=lambda chunk: None):
+        """Yield (chunk, frames, seconds since start) on the decoding rank (other ranks yield
+        nothing); when the generator ends, `self.last_report` is this rank's report.
+        `should_stop()` is asked by rank 0 before each chunk; `may_start(chunk)` lets a
+        launcher hold rank 0 back while the consumer is behind (backpressure)."""
+        device = self.topo.device
+        ranks = request.world_size if request.strategy == "tpp" else 1
+        rank = self.topo.rank if ranks > 1 else 0
+        plan = StagePlan.build(request.steps, ranks)
+        mine = plan.steps_of(rank)
+        first, last = rank == 0, rank == plan.decode_rank
+        model, spec = self.model, self.model.spec
+        frames = spec.frames_per_chunk
+        f = model.vae_factor
+        shape = (1, model.latent_channels, frames, request.height // f, request.width // f)
+        stats = CommStats()
+        link = ChunkLink(rank, shape, self.dtype, device, stats) if ranks > 1 else None
+        sigmas = flow_sigmas(request.steps, spec.shift)
+        caches = {k: ChunkKVCache(model.num_layers, request.kv_window) for k in mine}
+        text = model.encode_prompt(request.prompt, device).to(self.dtype)
+        generator = torch.Generator("cpu").manual_seed(request.seed) if first else None
+        fault_at = injected_fault_step(rank)
+        busy = decode_s = throttled = 0.0
+        cache_chunks, cache_bytes = [], []
+        start = time.perf_counter()
+        chunk = 0
+        try:
+            while True:
+                stats.step = chunk
+                if first:
+                    if (request.num_chunks is not None and chunk >= request.num_chunks) or should_stop():
+                        break
+                    wait_from = time.perf_counter()
+                    may_start(chunk)
+                    throttled += time.perf_counter() - wait_from
+                    latent = torch.randn(shape, generator=generator, dtype=torch.float32).to(device, self.dtype)
+                else:
+                    got, latent = link.recv()
+                    if got == STOP:
+                        break
+                    if got != chunk:
+                        raise RuntimeError(f"rank {rank} expected chunk {chunk}, received {got}")
+                began = time.perf_counter()
+                with torch.no_grad():
+                    for k in mine:
+                        t = torch.full((1,), float(sigmas[k]) * 1000.0, dtype=self.dtype, device=device)
+                        flow = model.transformer.forward_chunk(latent, t, text, caches[k], frame_offset=chunk * frames)
+                        latent = latent + float(sigmas[k + 1] - sigmas[k]) * flow
+                _sync(device)
+                busy += time.perf_counter() - began
+                if mine:
+                    cache_chunks.append(caches[mine[0]].chunks_held)
+                    cache_bytes.append(sum(c.nbytes() for c in caches.values()))
+                if chunk == fault_at:
+                    raise RuntimeError(f"injected fault at chunk {chunk} ({FAULT_ENV})")
+                if last:
+                    began = time.perf_counter()
+                    video = model.decode(latent)
+                    decode_s += time.perf_counter() - began
+                    yield chunk, video, time.perf_counter() - start
+                else:
+                    link.send(chunk, latent)
+                chunk += 1
+            if not last:
+                link.send(STOP, None)
+                link.close()
+        finally:
+            totals = stats.totals()
+            elapsed = time.perf_counter() - start
+            self.last_report = {
+                "rank": rank, "steps": list(mine), "chunks": chunk, "elapsed_s": elapsed,
+                "busy_s": busy + decode_s, "decode_s": decode_s, "wait_s": totals.comm_wait_s + throttled,
+                "backpressure_s": throttled,
+                "busy_fraction": (busy + decode_s) / elapsed if elapsed > 0 else 0.0,
+                "wait_fraction": (totals.comm_wait_s + throttled) / elapsed if elapsed > 0 else 0.0,
+                "bytes_sent": totals.bytes_sent, "bytes_received": totals.bytes_received,
+                "cache_chunks_per_chunk": cache_chunks, "cache_bytes_per_chunk": cache_bytes,
+            }

@@ -1,0 +1,120 @@
+"""VideoStream: the iterator `Engine.stream` returns, and its report.
+
+Frames come out one at a time, (H, W, 3) uint8 (or float32 in [0, 1] with
+`float_frames=True`), as the decoding rank produces them. The
+engine is held for the stream's lifetime (one request at a time); exhausting the iterator,
+`close()`, or leaving a `with` block ends it, and stopping early stops every rank cleanly.
+After the end, `report` has:
+
+- `time_to_first_frame_s`: from the request to the first decoded chunk, on the caller's clock;
+- `steady_fps`: frames after the first chunk / time between the first and the last chunk;
+- `per_rank`: each rank's steps, busy and wait seconds and fractions, bytes, cache sizes;
+- `stage_bound_fps`: frames / the largest per-rank busy time: the throughput if every
+  pipeline stage had a device of its own (on a shared CPU the ranks compete for cores).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import deque
+
+import numpy as np
+
+
+def to_uint8(frames: np.ndarray) -> np.ndarray:
+    return (np.clip(frames, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+class VideoStream:
+    def __init__(self, engine, request, progress: bool = False, float_frames: bool = False):
+        self.engine = engine
+        self.float_frames = float_frames  # float32 in [0, 1] as decoded, instead of uint8
+        self.request = request
+        self.progress = progress
+        self.report: dict | None = None
+        self._chunks = None  # the backend's generator of (chunk, frames, seconds)
+        self._pending: deque = deque()
+        self._arrivals: list[float] = []
+        self._frames = 0
+        self._done = False
+        self._start = 0.0
+
+    def __iter__(self):
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __next__(self) -> np.ndarray:
+        if self._pending:
+            return self._pending.popleft()
+        if self._done:
+            raise StopIteration
+        if self._chunks is None:
+            self.engine._lock.acquire()
+            self._start = time.perf_counter()
+            self._chunks = self.engine._backend.stream(self.request)
+        try:
+            chunk, frames, _ = next(self._chunks)
+        except StopIteration:
+            self._finish()
+            raise
+        except BaseException:
+            self._finish(failed=True)
+            raise
+        self._arrivals.append(time.perf_counter() - self._start)
+        self._frames += len(frames)
+        self._pending.extend(frames if self.float_frames else to_uint8(frames))
+        if self.progress:
+            fps = self._steady_fps()
+            sys.stderr.write(f"\rchunk {chunk + 1}: {self._frames} frames, "
+                             f"{'%.2f fps' % fps if fps else 'first frame at %.2f s' % self._arrivals[0]}   ")
+            sys.stderr.flush()
+        return self._pending.popleft()
+
+    def close(self) -> None:
+        """Stop the stream (every rank stops) and build the report."""
+        if self._done:
+            return
+        if self._chunks is not None:
+            try:
+                self._chunks.close()
+            finally:
+                self._finish()
+        else:
+            self._done = True
+
+    def _steady_fps(self) -> float | None:
+        if len(self._arrivals) < 2:
+            return None
+        per_chunk = self._frames / len(self._arrivals)
+        return per_chunk * (len(self._arrivals) - 1) / (self._arrivals[-1] - self._arrivals[0])
+
+    def _finish(self, failed: bool = False) -> None:
+        self._done = True
+        try:
+            if self.progress:
+                sys.stderr.write("\n")
+            if failed:
+                return
+            per_rank = list(getattr(self.engine._backend, "last_reports", []) or [])
+            busiest = max((r["busy_s"] for r in per_rank), default=0.0)
+            r = self.request
+            self.report = {
+                "model": self.engine.model, "strategy": r.strategy, "world_size": r.world_size,
+                "steps": r.steps, "kv_window": r.kv_window, "height": r.height, "width": r.width,
+                "seed": r.seed, "chunks": len(self._arrivals), "frames": self._frames,
+                "elapsed_s": time.perf_counter() - self._start,
+                "time_to_first_frame_s": self._arrivals[0] if self._arrivals else None,
+                "steady_fps": self._steady_fps(),
+                "stage_bound_fps": self._frames / busiest if busiest > 0 else None,
+                "chunk_arrival_s": self._arrivals,
+                "per_rank": per_rank,
+                "launch": self.engine.launch,
+            }
+        finally:
+            self.engine._lock.release()
