@@ -1,4 +1,5 @@
-"""`tessera` command line: generate, stream (launch/stream_cli.py) and save-preset.
+"""`tessera` command line: generate, stream (launch/stream_cli.py), bench (benchmarks/bench.py)
+and save-preset.
 
     tessera generate --model tiny-sd --prompt "a red circle" --height 512 --width 512 \\
         --strategy patch --nproc 2 --out out.png --report report.json --compare-serial
@@ -66,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     from launch.stream_cli import add_parser as add_stream_parser
 
     add_stream_parser(sub)
+    sub.add_parser("bench", add_help=False, help="scaling sweep with peers and plots (tessera bench --help)")
 
     save = sub.add_parser("save-preset", help="write a built-in preset as a diffusers directory")
     save.add_argument("name")
@@ -155,6 +157,16 @@ def _print_summary(report: dict) -> None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "bench":  # its own argument parser (benchmarks/bench.py)
+        from benchmarks.bench import main as bench_main
+        from parallel.config import ConfigError
+
+        try:
+            return bench_main(argv[1:])
+        except ConfigError as exc:
+            print(f"tessera: error: {exc}", file=sys.stderr)
+            return 2
     args = _parser().parse_args(argv)
     from launch.worker import RankFailedError
     from parallel.config import ConfigError

@@ -83,8 +83,8 @@ class LocalLauncher:
                         done[rank] = payload
             self.last_reports = [done[r] for r in sorted(done)]
 
-    def _next_message(self):
-        """The next result message; fails fast on an error or a dead rank."""
+    def _next_message(self, deadline: float | None = None, waiting_for: str = "a result"):
+        """The next result message; fails fast on an error, a dead rank or the deadline."""
         while True:
             try:
                 kind, rank, payload = self._results.get(timeout=0.2)
@@ -92,6 +92,8 @@ class LocalLauncher:
                 dead = [(r, p.exitcode) for r, p in enumerate(self._procs) if p.exitcode is not None]
                 if dead:
                     self._fail(*self._dead_rank_message(dead))
+                if deadline is not None and time.monotonic() > deadline:
+                    self._fail(f"ranks did not report {waiting_for}")
                 continue
             if kind == "error":
                 self._fail(f"rank {rank} failed: {payload[0]}", payload[1])
@@ -102,17 +104,7 @@ class LocalLauncher:
         got: dict = {}
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while len(got) < self.world_size:
-            try:
-                msg_kind, rank, payload = self._results.get(timeout=0.2)
-            except queue.Empty:
-                dead = [(r, p.exitcode) for r, p in enumerate(self._procs) if p.exitcode is not None]
-                if dead:
-                    self._fail(*self._dead_rank_message(dead))
-                if deadline is not None and time.monotonic() > deadline:
-                    self._fail(f"ranks did not report {kind!r} within {timeout_s:.0f} s")
-                continue
-            if msg_kind == "error":
-                self._fail(f"rank {rank} failed: {payload[0]}", payload[1])
+            _, rank, payload = self._next_message(deadline, f"{kind!r} within {timeout_s:.0f} s" if timeout_s else repr(kind))
             got[rank] = payload
         return got
 
