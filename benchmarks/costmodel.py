@@ -58,10 +58,11 @@ class ModelSpec:
     batch: int  # denoiser batch per step (2: CFG in the batch; Flux-dev is guidance-distilled)
     text_tokens: int
     max_latent: int | None = None  # position-embedding limit of the shipped config
+    unet: bool = False  # convolutions everywhere: sequence parallelism does not apply
 
 
 MODELS = {
-    "sdxl": ModelSpec("sdxl", "sdxl-unet.json", 8, 8, 2, 77),
+    "sdxl": ModelSpec("sdxl", "sdxl-unet.json", 8, 8, 2, 77, unet=True),
     "pixart-sigma": ModelSpec("pixart-sigma", "pixart-sigma.json", 8, 2, 2, 300),
     "sd3-medium": ModelSpec("sd3-medium", "sd3-medium.json", 8, 2, 2, 333, max_latent=384),
     "flux1-dev": ModelSpec("flux1-dev", "flux1-dev.json", 8, 2, 1, 512),
@@ -157,13 +158,19 @@ def _inputs(spec: ModelSpec, model, h: int, w: int):
 @functools.lru_cache(maxsize=None)
 def census(key: str, pixels: int) -> Census:
     """FLOPs and exchanging layers of one denoiser call of `key` at pixels x pixels."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     spec = MODELS[key]
     model = _load_model(spec)
     h = w = pixels // spec.vae_factor
+    return census_of(model, spec, h, w, *_inputs(spec, model, h, w))
+
+
+def census_of(model, spec: ModelSpec, h: int, w: int, args: tuple, kwargs: dict) -> Census:
+    """Run `model` once on (args, kwargs) under the FLOP counter, recording the layers that
+    exchange (works on `meta` tensors and on real ones, e.g. an engine preset's denoiser)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     out = Census(0.0, latent=(h, w))
-    image_tokens = None if spec.key == "sdxl" else (h // spec.align) * (w // spec.align)
+    image_tokens = None if spec.unet else (h // spec.align) * (w // spec.align)
     hooks = []
 
     def on_attention(module, args, kwargs):
@@ -193,17 +200,18 @@ def census(key: str, pixels: int) -> Census:
             hooks.append(module.register_forward_pre_hook(on_conv))
         elif isinstance(module, torch.nn.GroupNorm):
             hooks.append(module.register_forward_pre_hook(on_norm))
-    args, kwargs = _inputs(spec, model, h, w)
-    with torch.device("meta"):
-        args = tuple(a.to("meta") for a in args)
-        kwargs = {k: (v.to("meta") if isinstance(v, torch.Tensor) else
-                      {kk: (vv.to("meta") if isinstance(vv, torch.Tensor) else vv) for kk, vv in v.items()}
-                      if isinstance(v, dict) else v) for k, v in kwargs.items()}
-        counter = FlopCounterMode(display=False)
+    device = next(model.parameters()).device
+    args = tuple(a.to(device) for a in args)
+    kwargs = {k: (v.to(device) if isinstance(v, torch.Tensor) else
+                  {kk: (vv.to(device) if isinstance(vv, torch.Tensor) else vv) for kk, vv in v.items()}
+                  if isinstance(v, dict) else v) for k, v in kwargs.items()}
+    counter = FlopCounterMode(display=False)
+    try:
         with counter, torch.no_grad():
             model(*args, **kwargs)
-    for hook in hooks:
-        hook.remove()
+    finally:
+        for hook in hooks:
+            hook.remove()
     out.flops = float(counter.get_total_flops())
     return out
 
@@ -216,9 +224,13 @@ class Plan:
     bytes: float
     collectives: int
     stale: bool
+    kv_bytes: float = 0.0  # of which: attention K/V (or Ulysses all-to-alls)
+    halo_bytes: float = 0.0  # of which: convolution halo rows
 
 
-def strategy_plan(c: Census, strategy: str, n: int, spec: ModelSpec, portion: float = 0.3) -> Plan:
+def strategy_plan(c: Census, strategy: str, n: int, spec: ModelSpec, portion: float = 0.3,
+                  dtype_bytes: int = DTYPE_BYTES, rank: int | None = None) -> Plan:
+    """The busiest rank's plan (or `rank`'s)."""
     if n == 1:
         return Plan(c.flops, 0.0, 0, False)
     h, w = c.latent
@@ -226,7 +238,7 @@ def strategy_plan(c: Census, strategy: str, n: int, spec: ModelSpec, portion: fl
     attn_full = sum(4.0 * b * t * t * inner for b, t, _, inner, _ in c.attn)
     rest = c.flops - attn_full
     worst = None
-    for r in range(n):
+    for r in range(n) if rank is None else [rank]:
         sent = received = 0.0
         attn = 0.0
         for b, t, kv, inner, rows in c.attn:
@@ -254,18 +266,18 @@ def strategy_plan(c: Census, strategy: str, n: int, spec: ModelSpec, portion: fl
             else:
                 raise ValueError(strategy)
         halo = 0.0
-        if strategy != "sequence" or spec.key == "sdxl":
+        if strategy != "sequence" or spec.unet:
             for b, ch, rows_l, cols_l, k in c.convs:
                 neighbours = (r > 0) + (r < n - 1)
                 halo += neighbours * k * cols_l * ch * b
-        total = (max(sent, received) + halo) * DTYPE_BYTES + c.norms * n * 2 * 32 * 4
+        total = (max(sent, received) + halo) * dtype_bytes + c.norms * n * 2 * 32 * 4
         flops = rest / n + attn
-        if worst is None or (flops, total) > worst:  # the busiest rank: most compute, then most bytes
-            worst = (flops, total)
-    collectives = len(c.attn) + (len(c.convs) + c.norms if strategy != "sequence" or spec.key == "sdxl" else 0)
+        if worst is None or (flops, total) > worst[:2]:  # the busiest rank: most compute, then most bytes
+            worst = (flops, total, max(sent, received) * dtype_bytes, halo * dtype_bytes)
+    collectives = len(c.attn) + len(c.convs) + c.norms
     if strategy == "sequence":
-        collectives = 4 * len(c.attn) + (len(c.convs) + c.norms if spec.key == "sdxl" else 0)
-    return Plan(worst[0], worst[1], collectives, strategy in ("patch", "pcpp"))
+        collectives = 4 * len(c.attn) + (len(c.convs) + c.norms if spec.unet else 0)
+    return Plan(worst[0], worst[1], collectives, strategy in ("patch", "pcpp"), worst[2], worst[3])
 
 
 def step_times(plan: Plan, n: int, hw: Hardware, k: Constants) -> tuple[float, float]:
@@ -346,7 +358,7 @@ def projection_rows(k: Constants, profile: str, models=("sdxl", "pixart-sigma"))
             if spec.max_latent and pixels // spec.vae_factor > spec.max_latent:
                 continue
             for strategy in STRATEGIES:
-                if strategy == "sequence" and key == "sdxl":
+                if strategy == "sequence" and spec.unet:
                     continue  # a UNet's convolutions are not a sequence: sequence parallelism is for DiTs
                 for n in (2, 4, 8, 16):
                     try:

@@ -36,3 +36,24 @@ def test_plan_bytes_follow_the_engine_band_plan():
 def test_one_gpu_is_the_baseline(strategy):
     hw = costmodel.PROFILES["a100-nvlink"]
     assert costmodel.speedup("sdxl", 1024, strategy, 1, hw, CALIBRATED) == pytest.approx(1.0)
+
+
+def test_plan_bytes_equal_what_the_engine_sends(pool):
+    """The cost model's K/V and halo bytes for rank 0 of a 2-rank `patch` run of tiny-sd
+    (its own UNet, float32) equal the bytes the engine reports for a stale step."""
+    import torch
+
+    from benchmarks.costmodel import ModelSpec, census_of
+    from engine import ParallelConfig
+    from engine.models import load_pipeline
+
+    result = pool.parallel_engine("tiny-sd", 2).generate(
+        "a red circle", height=256, width=256, num_inference_steps=4, guidance_scale=5.0, seed=0, progress=False,
+        parallel=ParallelConfig(strategy="patch", warmup_steps=1, cfg_split=False))
+    step = result.report["per_rank"][0]["per_step"][2]["bytes_by_kind"]  # a stale step
+    unet = load_pipeline("tiny-sd", torch.device("cpu")).unet
+    spec = ModelSpec("tiny-sd", "", 8, 8, 2, 77, unet=True)
+    args = (torch.randn(2, 4, 32, 32), torch.full((2,), 500.0), torch.randn(2, 77, unet.config.cross_attention_dim))
+    plan = strategy_plan(census_of(unet, spec, 32, 32, args, {}), "patch", 2, spec, dtype_bytes=4, rank=0)
+    assert plan.kv_bytes == step["kv"]["sent"] == step["kv"]["received"]
+    assert plan.halo_bytes == step["halo"]["sent"]
