@@ -123,8 +123,10 @@ class BranchChannel:
         """(the guidance, seconds this rank waited for it)."""
         buf, work = posted
         start = time.perf_counter()
-        with self.stats.waiting(buf.device):
+        with self.stats.waiting():  # host clock: on CUDA, syncing the stream makes it the real stall
             work.wait()
+            if buf.device.type == "cuda":
+                torch.cuda.current_stream(buf.device).synchronize()
         return buf, time.perf_counter() - start
 
     def finish(self) -> None:

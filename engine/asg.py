@@ -4,7 +4,7 @@ After ASGDiffusion (Li et al., "ASGDiffusion: Parallel High-Resolution Generatio
 Asynchronous Structure Guidance", 2024). The high-resolution (HR) latent is covered by
 native-size tiles with overlap (`parallel.asg_tiles.TileGrid`); every denoiser call
 
-1. runs a *structure branch*: the same denoiser on a global view of the HR latent at native
+1. (on guided steps, w > 0) runs a *structure branch*: the same denoiser on a global view of the HR latent at native
    size (nearest-neighbour subsampling, which keeps the per-pixel noise level that area
    averaging would shrink). Its noise prediction, upsampled to HR, is the guidance `G`; the
    branch's cross-attention probabilities on the prompt's own tokens (not the start token,
@@ -200,7 +200,8 @@ class StructureGuidedTiles:
         """eps + w * M * up(G - eps on the branch's pixels). The difference is taken where the
         branch and the tiles predict the noise of the same latent pixels, so it carries only
         their disagreement about structure, and is upsampled smoothly; pulling eps towards
-        a smooth upsampled G itself would wipe out the per-pixel noise prediction."""
+        a smooth upsampled G itself would wipe out the per-pixel noise prediction. With stale
+        guidance (a step old) G predicts the previous step's pixels: an approximation."""
         if down_eps is None:  # eps on the branch's pixels (given when eps is valid on a region only)
             down_eps = F.interpolate(eps, size=guide.shape[-2:], mode="nearest")
         residual = guide - down_eps
@@ -330,7 +331,8 @@ class ParallelStructureGuidedTiles(StructureGuidedTiles):
             native = (self.grid.tile_h, self.grid.tile_w)
             view = self.channel.gather_view(sample, self.plan, native)
             guide, mask = self._branch_on(view, args, kwargs)
-            self.channel.post(0, sample.dtype, sample.device, torch.cat([guide.flatten(), mask.flatten()]))
+            packed = torch.cat([guide.flatten(), mask.flatten()]).to(sample.dtype)  # what tile ranks allocate
+            self.channel.post(0, sample.dtype, sample.device, packed)
         self.guidance_wait_s.append(0.0)
         return sample.new_zeros(sample.shape[0], self.out_channels, *sample.shape[2:])
 

@@ -143,12 +143,12 @@ class CausalWanTransformer(WanTransformer3DModel):
 
     # No __init__ of its own: diffusers reads the constructor's signature to build the config,
     # so the parent's must stay visible. The chunk-causal parts are installed on first use.
-    _cached = None
+    _cache_processors = None
 
     def _install_chunk_causal(self) -> None:
         self.rope = GlobalFrameRotary(self.config.attention_head_dim, self.config.patch_size)
-        self._cached = [CachedSelfAttnProcessor(i) for i in range(len(self.blocks))]
-        for block, proc in zip(self.blocks, self._cached):
+        self._cache_processors = [CachedSelfAttnProcessor(i) for i in range(len(self.blocks))]
+        for block, proc in zip(self.blocks, self._cache_processors):
             block.attn1.set_processor(proc)
 
     @torch.no_grad()
@@ -156,15 +156,15 @@ class CausalWanTransformer(WanTransformer3DModel):
                       cache: ChunkKVCache | None, frame_offset: int, write: bool = True) -> torch.Tensor:
         """The flow prediction for one chunk (B, C, F, H, W) at `timestep`, attending to the
         chunks in `cache`; with `write` the chunk's keys/values are added to it."""
-        if self._cached is None:
+        if self._cache_processors is None:
             self._install_chunk_causal()
         self.rope.frame_offset = frame_offset
-        for proc in self._cached:
+        for proc in self._cache_processors:
             proc.cache = cache
         try:
             out = self.forward(latent, timestep, text, return_dict=False)[0]
         finally:
-            for proc in self._cached:
+            for proc in self._cache_processors:
                 proc.cache = None
         if cache is not None:
             if write:

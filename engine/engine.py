@@ -139,6 +139,7 @@ class Engine:
         self.info = backend.info
         self._respawn = None  # rebuilds a launched rank group (local or Ray)
         self._lock = threading.Lock()  # one request at a time, in arrival order
+        self._open_stream = None  # the VideoStream in progress, if any
 
     @classmethod
     def from_pretrained(
@@ -239,6 +240,7 @@ class Engine:
             progress=progress,
         )
         with self._lock:
+            self._check_no_open_stream()
             output = self._backend.run(request)
         if output.images is None:
             return GenerateResult(report=output.report)
@@ -273,6 +275,11 @@ class Engine:
         request = build_stream_request(self.info, self.parallel.strategy, self.parallel.world_size or 1, prompt,
                                        num_chunks, steps, seed, height, width, kv_window)
         return VideoStream(self, request, progress, float_frames)
+
+    def _check_no_open_stream(self) -> None:
+        if self._open_stream is not None:
+            raise RuntimeError("a stream is still open on this engine: exhaust it or call stream.close() "
+                               "(or use `with engine.stream(...) as stream:`) before the next request")
 
     def restart(self) -> None:
         """Bring a failed rank group back: new local processes or Ray actors (a torchrun job

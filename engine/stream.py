@@ -116,8 +116,9 @@ def build_stream_request(info: VideoInfo, strategy: str, world_size: int, prompt
 
 
 def _sync(device) -> None:
+    """Finish this rank's compute (only the compute stream: not the NCCL sends in flight)."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()
 
 
 class VideoRuntime:
@@ -180,6 +181,8 @@ class VideoRuntime:
                     wait_from = time.perf_counter()
                     may_start(chunk)
                     throttled += time.perf_counter() - wait_from
+                    if should_stop():  # stopped while held back: start nothing more
+                        break
                     latent = torch.randn(shape, generator=generator, dtype=torch.float32).to(device, self.dtype)
                 else:
                     got, latent = link.recv()
@@ -190,7 +193,8 @@ class VideoRuntime:
                 began = time.perf_counter()
                 with torch.no_grad():
                     for k in mine:
-                        t = torch.full((1,), float(sigmas[k]) * 1000.0, dtype=self.dtype, device=device)
+                        # float32 even for a bf16 model: bf16 would round the timestep (936 for 937.5)
+                        t = torch.full((1,), float(sigmas[k]) * 1000.0, dtype=torch.float32, device=device)
                         flow = model.transformer.forward_chunk(latent, t, text, caches[k], frame_offset=chunk * frames)
                         latent = latent + float(sigmas[k + 1] - sigmas[k]) * flow
                 _sync(device)
@@ -204,7 +208,15 @@ class VideoRuntime:
                     began = time.perf_counter()
                     video = model.decode(latent)
                     decode_s += time.perf_counter() - began
-                    yield chunk, video, time.perf_counter() - start
+                    try:
+                        yield chunk, video, time.perf_counter() - start
+                    except GeneratorExit:
+                        # The caller stopped early. With a launcher, rank 0 is told by its stop
+                        # event; under torchrun it runs to num_chunks, so drain (without computing)
+                        # what upstream ranks still send, and nobody waits on this rank forever.
+                        while link is not None and link.recv()[0] != STOP:
+                            pass
+                        raise
                 else:
                     link.send(chunk, latent)
                 chunk += 1

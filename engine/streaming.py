@@ -9,7 +9,7 @@ After the end, `report` has:
 - `time_to_first_frame_s`: from the request to the first decoded chunk, on the caller's clock;
 - `steady_fps`: frames after the first chunk / time between the first and the last chunk;
 - `per_rank`: each rank's steps, busy and wait seconds and fractions, bytes, cache sizes;
-- `stage_bound_fps`: frames / the largest per-rank busy time: the throughput if every
+- `stage_bound_fps`: the slowest rank's frames per busy second: the throughput if every
   pipeline stage had a device of its own (on a shared CPU the ranks compete for cores).
 """
 
@@ -55,7 +55,9 @@ class VideoStream:
         if self._done:
             raise StopIteration
         if self._chunks is None:
-            self.engine._lock.acquire()
+            with self.engine._lock:
+                self.engine._check_no_open_stream()
+                self.engine._open_stream = self
             self._start = time.perf_counter()
             self._chunks = self.engine._backend.stream(self.request)
         try:
@@ -83,10 +85,18 @@ class VideoStream:
         if self._chunks is not None:
             try:
                 self._chunks.close()
-            finally:
-                self._finish()
+            except BaseException:
+                self._finish(failed=True)
+                raise
+            self._finish()
         else:
             self._done = True
+
+    def __del__(self):  # a stream dropped without close() must not keep the ranks busy
+        try:
+            self.close()
+        except Exception:
+            pass
 
     def _steady_fps(self) -> float | None:
         if len(self._arrivals) < 2:
@@ -102,7 +112,8 @@ class VideoStream:
             if failed:
                 return
             per_rank = list(getattr(self.engine._backend, "last_reports", []) or [])
-            busiest = max((r["busy_s"] for r in per_rank), default=0.0)
+            per_chunk = self._frames / len(self._arrivals) if self._arrivals else 0
+            rates = [per_chunk * p["chunks"] / p["busy_s"] for p in per_rank if p and p["busy_s"] > 0]
             r = self.request
             self.report = {
                 "model": self.engine.model, "strategy": r.strategy, "world_size": r.world_size,
@@ -111,10 +122,10 @@ class VideoStream:
                 "elapsed_s": time.perf_counter() - self._start,
                 "time_to_first_frame_s": self._arrivals[0] if self._arrivals else None,
                 "steady_fps": self._steady_fps(),
-                "stage_bound_fps": self._frames / busiest if busiest > 0 else None,
+                "stage_bound_fps": min(rates) if rates else None,
                 "chunk_arrival_s": self._arrivals,
                 "per_rank": per_rank,
                 "launch": self.engine.launch,
             }
         finally:
-            self.engine._lock.release()
+            self.engine._open_stream = None

@@ -63,6 +63,7 @@ class LocalLauncher:
             raise RankFailedError("this engine's ranks are stopped; call engine.restart() or make a new engine")
         self._stop.clear()
         self._consumed.value = 0
+        self.last_reports = []
         for q in self._requests:
             q.put(request)
         done: dict = {}
@@ -81,7 +82,8 @@ class LocalLauncher:
                     kind, rank, payload = self._next_message()
                     if kind == "ok":
                         done[rank] = payload
-            self.last_reports = [done[r] for r in sorted(done)]
+            if len(done) == self.world_size:
+                self.last_reports = [done[r] for r in sorted(done)]
 
     def _next_message(self, deadline: float | None = None, waiting_for: str = "a result"):
         """The next result message; fails fast on an error, a dead rank or the deadline."""

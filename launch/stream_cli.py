@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import numpy as np
 
@@ -98,6 +99,8 @@ def stream_command(args) -> int:
 
     if args.endless and args.compare_serial:
         raise ConfigError("--compare-serial needs a finite stream (--chunks N), not --endless")
+    if args.compare_serial and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("--compare-serial runs the one-rank stream in this process; use --nproc, not torchrun")
     chunks = None if args.endless else args.chunks
     world = args.nproc
     parallel = ParallelConfig(strategy="tpp" if (world or 1) > 1 else "none", world_size=world).validate()
@@ -115,21 +118,27 @@ def stream_command(args) -> int:
                          **request)
     writer = FrameWriter(args.out, args.fps)
     kept = [] if args.compare_serial else None
-    with Engine.from_pretrained(args.model, parallel=parallel, device=args.device) as engine:
-        stream = engine.stream(args.prompt, progress=not args.no_progress, **request)
-        try:
-            for frame in stream:
-                writer.add(frame)
-                if kept is not None:
-                    kept.append(frame)
-        except KeyboardInterrupt:
-            pass
-        finally:
-            stream.close()
-        report = stream.report
+    interrupted = False
+    try:
+        with Engine.from_pretrained(args.model, parallel=parallel, device=args.device) as engine:
+            stream = engine.stream(args.prompt, progress=not args.no_progress, **request)
+            try:
+                for frame in stream:
+                    writer.add(frame)
+                    if kept is not None:
+                        kept.append(frame)
+            except KeyboardInterrupt:
+                interrupted = True  # the ranks ignore SIGINT: close() stops them through the launcher
+            finally:
+                stream.close()
+            report = stream.report
+    finally:
+        writer.close()  # what was streamed is kept, whatever ended the stream
     if report is None:
         return 0
-    if kept is not None:
+    if kept is not None and interrupted:
+        print("interrupted: no comparison with the serial stream", file=sys.stderr)
+    elif kept is not None:
         with Engine.from_pretrained(args.model, parallel=replace(parallel, strategy="none", world_size=1),
                                     device=args.device) as serial:
             ref_stream = serial.stream(args.prompt, **request)
@@ -139,7 +148,6 @@ def stream_command(args) -> int:
         vs.update(serial_steady_fps=ser["steady_fps"], serial_time_to_first_frame_s=ser["time_to_first_frame_s"],
                   serial_stage_bound_fps=ser["stage_bound_fps"])
         report["vs_serial"] = vs
-    writer.close()
     if report["frames"] == 0 and not kept:
         return 0  # a torchrun rank that does not decode
     print(f"video: {os.path.abspath(args.out)} ({writer.count} frames)")

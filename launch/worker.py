@@ -25,15 +25,19 @@ def configure_threads(threads: int | None, local_world: int) -> None:
     torch.set_num_threads(threads or max(1, cores // max(1, local_world)))
 
 
-MAX_CHUNKS_AHEAD = 4  # a stream's rank 0 waits when the consumer is this many chunks behind
+CHUNKS_AHEAD_SLACK = 2  # rank 0 may be world_size + 2 chunks ahead of the consumer: every rank busy
+
+
 
 
 def serve_stream(runtime, request, rank, results, stop, consumed) -> None:
     """Run this rank's part of a stream: frames go to the parent as they are decoded."""
     import time
 
+    ahead = request.world_size + CHUNKS_AHEAD_SLACK
+
     def may_start(chunk):  # backpressure: the parent counts the chunks its caller consumed
-        while chunk - consumed.value >= MAX_CHUNKS_AHEAD and not stop.is_set():
+        while chunk - consumed.value >= ahead and not stop.is_set():
             time.sleep(0.002)
 
     for chunk, frames, at in runtime.stream(request, should_stop=stop.is_set, may_start=may_start):
@@ -52,6 +56,9 @@ def worker_main(rank, world_size, store_port, model, parallel, device, dtype, re
         LOCAL_RANK=str(rank),
         LOCAL_WORLD_SIZE=str(world_size),
     )
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops the ranks
     watch = None
     try:
         configure_threads(parallel.threads_per_rank, world_size)

@@ -121,7 +121,13 @@ class TilePlan:
             for tile in tiles:
                 cover[grid.window(tile)] = True
             covers.append(cover)
-        return cls(grid, tile_ranks, index, covers, view_index(grid.height, grid.width, (grid.tile_h, grid.tile_w)))
+        plan = cls(grid, tile_ranks, index, covers, view_index(grid.height, grid.width, (grid.tile_h, grid.tile_w)))
+        for rank in range(tile_ranks):  # every rank then swaps view sums with every other: no one-sided P2P
+            if not bool(plan.view_covered(rank).any()):
+                raise ConfigError(f"asg: tile rank {rank} covers none of the structure branch's pixels "
+                                  f"({grid.height}x{grid.width} latent, {grid.tile_h}x{grid.tile_w} tiles); "
+                                  "use fewer ranks or a smaller target")
+        return plan
 
     @property
     def region(self) -> torch.Tensor:

@@ -131,6 +131,9 @@ def test_asg_bad_input_fails_before_work(pool):
     with pytest.raises(ConfigError, match="only 1 tiles"):
         build_request(describe_model("tiny-sd"), ParallelConfig(strategy="asg", world_size=3), PROMPT,
                       height=256, width=256)
+    with pytest.raises(ConfigError, match="second-order scheduler"):
+        build_request(describe_model("tiny-sd"), ParallelConfig(strategy="asg"), PROMPT, height=512, width=512,
+                      scheduler="HeunDiscreteScheduler")
     with pytest.raises(ConfigError, match="tiny-sd3 is a StableDiffusion3Pipeline"):  # joint attention: no mask
         build_request(describe_model("tiny-sd3"), ParallelConfig(strategy="asg"), PROMPT, height=512, width=512)
     with pytest.raises(ConfigError, match="cfg_split does not apply"):
