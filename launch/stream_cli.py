@@ -102,7 +102,8 @@ def stream_command(args) -> int:
     if args.compare_serial and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("--compare-serial runs the one-rank stream in this process; use --nproc, not torchrun")
     chunks = None if args.endless else args.chunks
-    world = args.nproc
+    launched = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun every rank runs this command
+    world = args.nproc or (launched if launched > 1 else None)
     parallel = ParallelConfig(strategy="tpp" if (world or 1) > 1 else "none", world_size=world).validate()
     request = dict(num_chunks=chunks, steps=args.steps, seed=args.seed, height=args.height, width=args.width,
                    kv_window=args.kv_window)
