@@ -166,3 +166,18 @@ def test_a_saved_video_model_directory_streams_the_same(serial, tmp_path):
     with Engine.from_pretrained(path) as engine:
         frames, _ = _frames(engine, num_chunks=3)
     assert rel_l2(frames, reference) <= 1e-6
+
+
+def test_stream_cli_writes_video_and_report(tmp_path, capsys):
+    import json
+
+    from launch.cli import main
+
+    out, report = tmp_path / "video.gif", tmp_path / "stream.json"
+    assert main(["stream", "--chunks", "3", "--nproc", "2", "--steps", "2", "--out", str(out), "--report",
+                 str(report), "--compare-serial", "--no-progress"]) == 0
+    data = json.loads(report.read_text())
+    assert out.stat().st_size > 0 and data["frames"] == 6 and data["strategy"] == "tpp"
+    assert data["vs_serial"]["psnr_db"] == "inf" and data["vs_serial"]["serial_steady_fps"] > 0
+    assert main(["stream", "--chunks", "0"]) == 2  # bad input: before any rank starts
+    assert "num_chunks must be a positive integer" in capsys.readouterr().err
