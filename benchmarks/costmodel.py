@@ -128,8 +128,9 @@ def _load_model(spec: ModelSpec):
     import diffusers
 
     with open(os.path.join(CONFIG_DIR, spec.config)) as f:
-        config = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
-    cls = getattr(diffusers, json.load(open(os.path.join(CONFIG_DIR, spec.config)))["_class_name"])
+        stored = json.load(f)
+    config = {k: v for k, v in stored.items() if not k.startswith("_")}
+    cls = getattr(diffusers, stored["_class_name"])
     with torch.device("meta"):
         return cls(**config)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 
 
@@ -12,3 +13,15 @@ def all_gather_object(obj, group=None) -> list:
     out = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, obj, group=group)
     return out
+
+
+def check_same_weights(model_name: str, params) -> None:
+    """Every rank must hold the same weights, or their parts silently disagree: compare a
+    fingerprint (the sum of all parameters) across ranks."""
+    if not dist.is_initialized():
+        return
+    with torch.no_grad():
+        fingerprint = float(sum(p.double().sum().item() for p in params))
+    prints = all_gather_object((model_name, fingerprint))
+    if len({round(f, 6) for _, f in prints}) != 1:
+        raise RuntimeError(f"ranks loaded different models: {prints}")

@@ -6,7 +6,6 @@ of a torchrun job) and in each worker process of the local launcher.
 
 from __future__ import annotations
 
-import os
 import resource
 import time
 from dataclasses import dataclass, replace
@@ -15,7 +14,7 @@ import numpy as np
 import torch
 
 from comms import CommStats, Topology
-from comms.collectives import all_gather_object
+from comms.collectives import all_gather_object, check_same_weights
 from engine.asg import asg_plan, structure_guided
 from engine.decode import decode_latents, decode_latents_parallel
 from engine.faults import FAULT_ENV, injected_fault_step
@@ -112,16 +111,10 @@ class RankRuntime:
         self.decode_ctx = ctx
 
     def _check_same_weights(self) -> None:
-        """Every rank must hold the same model, or patches silently disagree."""
-        if not self.topo.distributed:
-            return
-        with torch.no_grad():
-            # The VAE too: with a parallel decode every rank decodes a band of the image.
-            params = list(self.denoiser.parameters()) + list(self.pipe.vae.parameters())
-            fingerprint = float(sum(p.double().sum().item() for p in params))
-        prints = all_gather_object((self.model, fingerprint))
-        if len({round(f, 6) for _, f in prints}) != 1:
-            raise RuntimeError(f"ranks loaded different models: {prints}")
+        """Every rank must hold the same model, or patches silently disagree. The VAE too:
+        with a parallel decode every rank decodes a band of the image."""
+        if self.topo.distributed:
+            check_same_weights(self.model, list(self.denoiser.parameters()) + list(self.pipe.vae.parameters()))
 
     def _set_scheduler(self, name: str | None) -> str:
         cls = resolve_scheduler(name) if name else self._default_scheduler

@@ -1,9 +1,10 @@
 """VideoStream: the iterator `Engine.stream` returns, and its report.
 
 Frames come out one at a time, (H, W, 3) uint8 (or float32 in [0, 1] with
-`float_frames=True`), as the decoding rank produces them. The
-engine is held for the stream's lifetime (one request at a time); exhausting the iterator,
-`close()`, or leaving a `with` block ends it, and stopping early stops every rank cleanly.
+`float_frames=True`), as the decoding rank produces them. While a stream is open the engine
+serves nothing else (`generate` or a second `stream` raise instead of waiting); exhausting
+the iterator, `close()`, leaving a `with` block or dropping the stream ends it, and stopping
+early stops every rank cleanly (under torchrun, ranks run to `num_chunks`).
 After the end, `report` has:
 
 - `time_to_first_frame_s`: from the request to the first decoded chunk, on the caller's clock;

@@ -44,6 +44,11 @@ class StreamSpec:
     max_steps: int = MAX_STEPS
 
 
+def wan_vae_factor(dim_mult) -> int:
+    """Pixels per latent pixel of a Wan VAE: one downsampling between consecutive levels."""
+    return 2 ** (len(dim_mult) - 1)
+
+
 def flow_sigmas(steps: int, shift: float) -> torch.Tensor:
     """(steps + 1,) noise levels from 1 down to 0, float64."""
     u = 1.0 - torch.arange(steps + 1, dtype=torch.float64) / steps
@@ -61,7 +66,7 @@ class VideoModel:
 
     @property
     def vae_factor(self) -> int:
-        return 2 ** (len(self.vae.config.dim_mult) - 1)
+        return wan_vae_factor(self.vae.config.dim_mult)
 
     @property
     def latent_channels(self) -> int:

@@ -48,9 +48,12 @@ class LocalLauncher:
         ready = self._collect("ready", START_TIMEOUT_S)
         self.info = ready[0]
 
-    def run(self, request):
+    def _check_running(self) -> None:
         if self.closed:
             raise RankFailedError("this engine's ranks are stopped; call engine.restart() or make a new engine")
+
+    def run(self, request):
+        self._check_running()
         for q in self._requests:
             q.put(request)
         return self._collect("ok", None)[0]
@@ -59,8 +62,7 @@ class LocalLauncher:
         """Yield (chunk, frames, seconds) as the decoding rank sends them; afterwards
         `last_reports` holds every rank's report. Closing the generator early stops the
         pipeline (rank 0 starts no new chunk, the rest drain) and waits for every rank."""
-        if self.closed:
-            raise RankFailedError("this engine's ranks are stopped; call engine.restart() or make a new engine")
+        self._check_running()
         self._stop.clear()
         self._consumed.value = 0
         self.last_reports = []

@@ -28,8 +28,6 @@ def configure_threads(threads: int | None, local_world: int) -> None:
 CHUNKS_AHEAD_SLACK = 2  # rank 0 may be world_size + 2 chunks ahead of the consumer: every rank busy
 
 
-
-
 def serve_stream(runtime, request, rank, results, stop, consumed) -> None:
     """Run this rank's part of a stream: frames go to the parent as they are decoded."""
     import time

@@ -112,6 +112,7 @@ class TilePlan:
     index: int  # this rank's place among the tile ranks
     covers: list  # per tile rank: (H, W) bool
     view: torch.Tensor  # flat indices of the branch's view pixels
+    _view_owned: list | None = None
 
     @classmethod
     def build(cls, grid: TileGrid, tile_ranks: int, index: int) -> "TilePlan":
@@ -140,10 +141,16 @@ class TilePlan:
         return self.covers[rank].flatten()[self.view]
 
     def view_owned(self, rank: int) -> torch.Tensor:
-        earlier = torch.zeros_like(self.view, dtype=torch.bool)
-        for r in range(rank):
-            earlier |= self.view_covered(r)
-        return self.view_covered(rank) & ~earlier
+        """Which view pixels tile rank `rank` sends the branch (computed once per plan:
+        both sides ask every step)."""
+        if self._view_owned is None:
+            owned, earlier = [], torch.zeros_like(self.view, dtype=torch.bool)
+            for r in range(self.tile_ranks):
+                covered = self.view_covered(r)
+                owned.append(covered & ~earlier)
+                earlier |= covered
+            self._view_owned = owned
+        return self._view_owned[rank]
 
     def owned(self, rank: int) -> torch.Tensor:
         """(H, W): positions whose final value tile rank `rank` contributes (lowest rank covering)."""
