@@ -8,8 +8,9 @@ native-size tiles with overlap (`parallel.asg_tiles.TileGrid`); every denoiser c
    size (nearest-neighbour subsampling, which keeps the per-pixel noise level that area
    averaging would shrink). Its noise prediction, upsampled to HR, is the guidance `G`; the
    branch's cross-attention probabilities on the prompt's own tokens (not the start token,
-   not padding), averaged over heads and layers, upsampled and min-max normalised per image,
-   are the mask `M` in [0, 1] (where the layout is decided by the prompt);
+   not padding), averaged over heads and layers at native size, min-max normalised per
+   image and lifted by a floor (`M = floor + (1 - floor) * map`), are the mask `M` in
+   [0, 1] (strongest where the layout is decided by the prompt), upsampled where applied;
 2. denoises every tile at native size and averages the tiles where they overlap
    (MultiDiffusion: sum / coverage count), giving `eps`;
 3. guides it: `eps <- eps + w(t) * M * up(G - down(eps))`, where `down` picks the same latent
@@ -23,7 +24,9 @@ native-size tiles with overlap (`parallel.asg_tiles.TileGrid`); every denoiser c
 
 `w(t)` (`guidance_weight`): `strength * (1 + cos(pi * k / K)) / 2` at step k < K =
 steps - detail_steps, strong at high noise, falling to zero; zero in the last
-`detail_steps` steps, where tiles refine detail on their own. With CFG the same `w * M`
+`detail_steps` steps, where tiles refine detail on their own. The schedule counts denoiser
+calls (`denoiser_calls`): a second-order scheduler such as Heun calls the denoiser about
+twice per step, and the schedule and the detail steps are stretched over those calls. With CFG the same `w * M`
 applies to both halves, so by linearity the guided prediction is guided by the branch's
 guided prediction.
 
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +79,33 @@ def guidance_weight(step: int, steps: int, strength: float, detail_steps: int) -
     if step >= guided or guided <= 0:
         return 0.0
     return strength * 0.5 * (1.0 + math.cos(math.pi * step / guided))
+
+
+def denoiser_calls(scheduler, steps: int) -> int:
+    """How often the pipeline calls the denoiser for `steps` steps: once per timestep the
+    scheduler lays out (Heun and KDPM2 evaluate twice per step: about 2 * steps)."""
+    probe = type(scheduler).from_config(scheduler.config)
+    probe.set_timesteps(steps)
+    return len(probe.timesteps)
+
+
+@dataclass(frozen=True)
+class GuidanceSchedule:
+    """When and how strongly one request is guided, counted in denoiser calls."""
+
+    calls: int  # denoiser calls of the request (steps, or about twice that for Heun)
+    strength: float  # w at the first call
+    detail_calls: int  # the last calls, without guidance
+    mask_floor: float = 0.0  # M = floor + (1 - floor) * normalised attention mass
+
+    @classmethod
+    def for_request(cls, scheduler, steps: int, strength: float, detail_steps: int, mask_floor: float):
+        calls = denoiser_calls(scheduler, steps)
+        detail = detail_steps if calls == steps else round(detail_steps * calls / steps)
+        return cls(calls, strength, detail, mask_floor)
+
+    def weight(self, call: int) -> float:
+        return guidance_weight(call, self.calls, self.strength, self.detail_calls) if call < self.calls else 0.0
 
 
 class CrossAttentionRecorder:
@@ -133,17 +164,19 @@ def prompt_token_spans(pipe, prompts: list[str]) -> list[tuple[int, int]]:
     return spans
 
 
-def structure_mask(maps: list[torch.Tensor], native: tuple[int, int], height: int, width: int) -> torch.Tensor:
-    """(B, 1, height, width) in [0, 1] from per-layer (B, L) attention masses of the branch,
-    which ran at the `native` (rows, columns) latent size."""
+def structure_mask(maps: list[torch.Tensor], native: tuple[int, int]) -> torch.Tensor:
+    """(B, 1, rows, columns) in [0, 1] at the `native` latent size the branch ran at, from
+    its per-layer (B, L) attention masses. Kept at native size: that is what travels to the
+    tile ranks (a quarter of the high-resolution size at 2x), upsampled where applied."""
     total = None
     for m in maps:
         batch, length = m.shape
         # every UNet level keeps the native aspect ratio: rows = sqrt(L * rows / columns)
         rows = round(math.sqrt(length * native[0] / native[1]))
         grid = m.view(batch, 1, rows, length // rows)
-        up = F.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)
-        total = up if total is None else total + up
+        if grid.shape[-2:] != native:
+            grid = F.interpolate(grid, size=native, mode="bilinear", align_corners=False)
+        total = grid if total is None else total + grid
     total = total / len(maps)
     low = total.amin(dim=(2, 3), keepdim=True)
     high = total.amax(dim=(2, 3), keepdim=True)
@@ -154,12 +187,11 @@ def structure_mask(maps: list[torch.Tensor], native: tuple[int, int], height: in
 class StructureGuidedTiles:
     """The denoiser forward of one ASG request (single process: all tiles and the branch)."""
 
-    def __init__(self, denoiser, grid: TileGrid, steps: int, strength: float, detail_steps: int,
-                 token_spans: list, cfg: bool):
+    def __init__(self, denoiser, grid: TileGrid, schedule: GuidanceSchedule, token_spans: list, cfg: bool):
         self.denoiser = denoiser
         self.forward = denoiser.forward  # the original bound forward
         self.grid = grid
-        self.steps, self.strength, self.detail_steps = steps, strength, detail_steps
+        self.schedule = schedule
         self.cfg = cfg
         self.maps: list = []
         spans = token_spans * 2 if cfg else token_spans  # [uncond; cond] both attend to prompts' spans
@@ -175,13 +207,14 @@ class StructureGuidedTiles:
         return latents
 
     def _branch(self, sample, args, kwargs):
-        """(G, M): the branch's prediction on the subsampled global view (native size) and
-        the structure mask at HR size."""
+        """(G, M): the branch's prediction on the subsampled global view and the structure
+        mask, both at native size."""
         native = (self.grid.tile_h, self.grid.tile_w)
         return self._branch_on(F.interpolate(sample, size=native, mode="nearest"), args, kwargs)
 
     def _branch_on(self, view, args, kwargs):
-        """(G, M) from the global view at native size."""
+        """(G, M) from the global view at native size. With CFG the mask is the conditional
+        half's only: it guides both halves (linearity of CFG)."""
         self.branch_calls += 1
         native = tuple(view.shape[-2:])
         self.maps.clear()
@@ -190,10 +223,12 @@ class StructureGuidedTiles:
             guide = self.forward(view, *args, **kwargs)[0]
         finally:
             self.recorder.recording = False
-        mask = structure_mask(self.maps, native, self.grid.height, self.grid.width)
-        if self.cfg:  # the conditional half's layout for both halves (linearity of CFG)
-            half = mask.shape[0] // 2
-            mask = torch.cat([mask[half:], mask[half:]])
+        mask = structure_mask(self.maps, native)
+        floor = self.schedule.mask_floor
+        if floor > 0:  # guide the background too, where tiles would otherwise repeat objects
+            mask = floor + (1.0 - floor) * mask
+        if self.cfg:
+            mask = mask[mask.shape[0] // 2:]
         return guide, mask.to(view.dtype)
 
     def _guide(self, eps, guide, mask, w: float, down_eps=None):
@@ -204,9 +239,11 @@ class StructureGuidedTiles:
         guidance (a step old) G predicts the previous step's pixels: an approximation."""
         if down_eps is None:  # eps on the branch's pixels (given when eps is valid on a region only)
             down_eps = F.interpolate(eps, size=guide.shape[-2:], mode="nearest")
-        residual = guide - down_eps
-        up = F.interpolate(residual.float(), size=eps.shape[-2:], mode="bilinear", align_corners=False)
-        return eps + w * mask * up.to(eps.dtype)
+        size = eps.shape[-2:]
+        up = F.interpolate((guide - down_eps).float(), size=size, mode="bilinear", align_corners=False)
+        mask = F.interpolate(mask.float(), size=size, mode="bilinear", align_corners=False)
+        mask = mask.repeat(eps.shape[0] // mask.shape[0], 1, 1, 1)  # CFG: the conditional mask for both halves
+        return eps + (w * mask * up).to(eps.dtype)
 
     def _sum_tiles(self, sample, tiles, args, kwargs) -> torch.Tensor:
         """The sum of `tiles`' predictions, each in its window of a zero latent."""
@@ -226,7 +263,7 @@ class StructureGuidedTiles:
         return (out,)
 
     def __call__(self, sample, *args, return_dict=True, **kwargs):
-        w = guidance_weight(self.step, self.steps, self.strength, self.detail_steps)
+        w = self.schedule.weight(self.step)
         self.step += 1
         if self.weights is None:
             self.weights = self.grid.weights(sample.device, sample.dtype)
@@ -241,14 +278,14 @@ class StructureGuidedTiles:
 
 
 @contextmanager
-def structure_guided(pipe, denoiser, grid: TileGrid, steps: int, strength: float, detail_steps: int,
-                     prompts: list[str], cfg: bool, topo=None, stats=None, staleness: int = 1):
+def structure_guided(pipe, denoiser, grid: TileGrid, schedule: GuidanceSchedule, prompts: list[str], cfg: bool,
+                     topo=None, stats=None, staleness: int = 1):
     """Run the pipeline's denoiser as ASG for one request, then restore it. With `topo`
     (several ranks) the tiles and the branch are spread over the ranks."""
     cross = set(_cross_attention_names(denoiser)) if hasattr(denoiser, "attn_processors") else set()
     if not cross:
         raise NotImplementedError(f"asg needs a denoiser with cross-attention (UNet, PixArt); got {type(denoiser).__name__}")
-    common = (denoiser, grid, steps, strength, detail_steps, prompt_token_spans(pipe, prompts), cfg)
+    common = (denoiser, grid, schedule, prompt_token_spans(pipe, prompts), cfg)
     if topo is not None and topo.distributed:
         wrapper = ParallelStructureGuidedTiles(
             *common, strips_group=topo.world, branch_group=topo.side_group(), stats=stats, rank=topo.rank,
@@ -296,9 +333,6 @@ class ParallelStructureGuidedTiles(StructureGuidedTiles):
         self.ready: dict = {}  # step -> (G, M) received
         self.guidance_wait_s: list[float] = []  # per step
 
-    def _weight(self, k: int) -> float:
-        return guidance_weight(k, self.steps, self.strength, self.detail_steps) if k < self.steps else 0.0
-
     def _source(self, k: int) -> int:
         """The step whose guidance step k applies."""
         return k if self.staleness == 0 or k == 0 else k - 1
@@ -306,12 +340,12 @@ class ParallelStructureGuidedTiles(StructureGuidedTiles):
     def _computed(self, j: int) -> bool:
         """Whether the guidance of step j is used by any guided step."""
         users = [j] if self.staleness == 0 else ([0, 1] if j == 0 else [j + 1])
-        return any(self._weight(k) > 0 for k in users)
+        return any(self.schedule.weight(k) > 0 for k in users)
 
     def _shapes(self, sample):
         batch = sample.shape[0]
         return [(batch, self.out_channels, self.grid.tile_h, self.grid.tile_w),
-                (batch, 1, self.grid.height, self.grid.width)]
+                (batch // 2 if self.cfg else batch, 1, self.grid.tile_h, self.grid.tile_w)]
 
     def __call__(self, sample, *args, return_dict=True, **kwargs):
         k = self.step
@@ -337,7 +371,7 @@ class ParallelStructureGuidedTiles(StructureGuidedTiles):
         return sample.new_zeros(sample.shape[0], self.out_channels, *sample.shape[2:])
 
     def _tile_step(self, k: int, sample, args, kwargs) -> torch.Tensor:
-        w = self._weight(k)
+        w = self.schedule.weight(k)
         shapes = self._shapes(sample)
         if self._computed(k):  # view out and guidance posted before the tiles: both travel meanwhile
             self.channel.send_view(sample, self.plan)

@@ -107,10 +107,6 @@ def build_request(
         from engine.asg import asg_plan
 
         asg_plan(info, parallel, height, width, steps)  # raises on bad geometry
-        if scheduler is not None:
-            if getattr(resolve_scheduler(scheduler), "order", 1) != 1:
-                raise ConfigError(f"asg counts one denoiser call per step; {scheduler} calls it more than once "
-                                  "per step (a second-order scheduler): choose a first-order one")
 
     cfg_split = parallel.cfg_split
     if cfg_split is True:

@@ -15,7 +15,7 @@ import torch
 
 from comms import CommStats, Topology
 from comms.collectives import all_gather_object, check_same_weights
-from engine.asg import asg_plan, structure_guided
+from engine.asg import GuidanceSchedule, asg_plan, structure_guided
 from engine.decode import decode_latents, decode_latents_parallel
 from engine.faults import FAULT_ENV, injected_fault_step
 from engine.fidelity import compare
@@ -263,9 +263,11 @@ class RankRuntime:
                                 request.height, request.width, request.num_inference_steps)
         guided = request.guidance_scale > 1.0 and self.info.does_cfg
         self.ctx.enabled = False  # the denoiser runs whole tiles: no patch layers
-        with structure_guided(self.pipe, self.denoiser, grid, request.num_inference_steps, cfg.asg_strength,
-                              detail, list(request.prompt), guided, topo=self.topo if parallel else None,
-                              stats=self.stats, staleness=cfg.asg_staleness) as asg:
+        schedule = GuidanceSchedule.for_request(self.pipe.scheduler, request.num_inference_steps, cfg.asg_strength,
+                                                detail, cfg.asg_mask_floor)
+        with structure_guided(self.pipe, self.denoiser, grid, schedule, list(request.prompt), guided,
+                              topo=self.topo if parallel else None, stats=self.stats,
+                              staleness=cfg.asg_staleness) as asg:
             latents = asg.finish(self._denoise(request))
         mine = {}
         if parallel:
@@ -276,6 +278,7 @@ class RankRuntime:
         return latents, {
             "tiles": len(grid.tiles), "tile_latent": [grid.tile_h, grid.tile_w], "overlap": grid.overlap,
             "strength": cfg.asg_strength, "detail_steps": detail, "staleness": cfg.asg_staleness,
+            "mask_floor": cfg.asg_mask_floor, "denoiser_calls": schedule.calls,
             "mode": "parallel" if parallel else "single-process",
             # single-process: this rank ran the branch; over ranks it is each rank's asg_branch_calls
             **({} if parallel else {"branch_calls": asg.branch_calls}),

@@ -19,7 +19,7 @@ DEFAULT_MODEL = "shapes-sd"  # the trained preset shipped in engine/weights/
 
 
 def _parser() -> argparse.ArgumentParser:
-    from parallel.config import GN_MODES, STRATEGIES
+    from parallel.config import GN_MODES, STRATEGIES, ParallelConfig
 
     parser = argparse.ArgumentParser(prog="tessera", description="Distributed diffusion inference.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -41,10 +41,13 @@ def _parser() -> argparse.ArgumentParser:
                      help="pcpp: share of each adjacent band's rows that self-attention sees")
     gen.add_argument("--asg-tile-overlap", type=int, default=None,
                      help="asg: latent rows shared by neighbouring native-size tiles (default: a quarter tile)")
-    gen.add_argument("--asg-strength", type=float, default=0.8, help="asg: structure guidance weight at the noisiest step")
+    gen.add_argument("--asg-strength", type=float, default=ParallelConfig.asg_strength,
+                     help="asg: structure guidance weight at the noisiest step, 0 to 4 (cosine decay to 0)")
+    gen.add_argument("--asg-mask-floor", type=float, default=ParallelConfig.asg_mask_floor,
+                     help="asg: the structure mask's floor in [0, 1] (1: guide everywhere alike)")
     gen.add_argument("--asg-detail-steps", type=int, default=None,
                      help="asg: last steps without structure guidance (default: a quarter of the steps)")
-    gen.add_argument("--asg-staleness", type=int, default=1, choices=(0, 1),
+    gen.add_argument("--asg-staleness", type=int, default=ParallelConfig.asg_staleness, choices=(0, 1),
                      help="asg: age in steps of the guidance tiles use in a parallel run")
     gen.add_argument("--gn-mode", choices=GN_MODES, default="corrected")
     cfg = gen.add_mutually_exclusive_group()
@@ -104,6 +107,7 @@ def generate(args) -> int:
         pcpp_portion=args.pcpp_portion,
         asg_tile_overlap=args.asg_tile_overlap,
         asg_strength=args.asg_strength,
+        asg_mask_floor=args.asg_mask_floor,
         asg_detail_steps=args.asg_detail_steps,
         asg_staleness=args.asg_staleness,
         gn_mode=args.gn_mode,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
+# Beyond 1 the guidance extrapolates past the branch on its grid; far beyond it overshoots.
+MAX_ASG_STRENGTH = 4.0
 STRATEGIES = ("none", "patch", "patch-sync", "pcpp", "asg", "tpp")
 PATCH_STRATEGIES = ("patch", "patch-sync", "pcpp")  # those that split the latent into row bands
 GN_MODES = ("corrected", "sync")
@@ -26,12 +28,15 @@ class ParallelConfig:
     warmup_steps:  synchronous denoiser evaluations before staleness starts ("patch", "pcpp").
     pcpp_portion:  share (0, 1] of each adjacent band's rows that "pcpp" attends to: the
                    last rows of the band above and the first rows of the band below.
-    asg_tile_overlap, asg_strength, asg_detail_steps, asg_staleness: strategy "asg"
-                   (high resolution with structure guidance, see engine/asg.py): the
-                   overlap of native-size tiles in latent rows (None: a quarter of a
-                   tile), the guidance weight at the noisiest step, the last steps run
-                   without guidance (None: a quarter of the steps), and how many steps old
-                   the guidance a tile uses may be in a parallel run (0 or 1).
+    asg_tile_overlap, asg_strength, asg_mask_floor, asg_detail_steps, asg_staleness:
+                   strategy "asg" (high resolution with structure guidance, see
+                   engine/asg.py): the overlap of native-size tiles in latent rows (None: a
+                   quarter of a tile), the guidance weight at the noisiest step (0 to 4;
+                   above 1 it extrapolates past the branch on its grid), the structure
+                   mask's floor (0: the normalised attention map as is, 1: no mask), the
+                   last steps run without guidance (None: a quarter of the steps), and
+                   how many steps old the guidance a tile uses may be in a parallel run
+                   (0 or 1). Defaults measured on shapes-sd at 2x (README).
                    "tpp" streams video from a causal video model (engine.stream): rank r
                    owns a run of the denoising steps of every chunk (engine/stream.py).
     gn_mode:       "corrected" (stale global GroupNorm statistics corrected with fresh
@@ -48,7 +53,8 @@ class ParallelConfig:
     warmup_steps: int = 4
     pcpp_portion: float = 0.3
     asg_tile_overlap: int | None = None
-    asg_strength: float = 0.8
+    asg_strength: float = 2.0
+    asg_mask_floor: float = 0.5
     asg_detail_steps: int | None = None
     asg_staleness: int = 1
     gn_mode: str = "corrected"
@@ -76,9 +82,10 @@ class ParallelConfig:
                 not isinstance(self.asg_tile_overlap, int) or isinstance(self.asg_tile_overlap, bool)
                 or self.asg_tile_overlap < 0):
             raise ConfigError(f"asg_tile_overlap must be a non-negative integer (latent rows), got {self.asg_tile_overlap!r}")
-        strength = self.asg_strength
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
-            raise ConfigError(f"asg_strength must be a number in [0, 1], got {strength!r}")
+        for name, value, high in (("asg_strength", self.asg_strength, MAX_ASG_STRENGTH),
+                                  ("asg_mask_floor", self.asg_mask_floor, 1.0)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= high:
+                raise ConfigError(f"{name} must be a number in [0, {high:g}], got {value!r}")
         detail = self.asg_detail_steps
         if detail is not None and (not isinstance(detail, int) or isinstance(detail, bool) or detail < 0):
             raise ConfigError(f"asg_detail_steps must be a non-negative integer, got {detail!r}")

@@ -32,3 +32,21 @@ def test_bench_writes_records_table_and_plots(tmp_path):
 def test_bench_refuses_strategies_it_cannot_sweep(capsys):
     assert main(["bench", "--strategies", "asg"]) == 2
     assert "bench sweeps the patch strategies" in capsys.readouterr().err
+
+
+def test_repetition_counts_separate_objects_of_one_colour():
+    import numpy as np
+
+    from benchmarks.repetition import count_objects, parse_setting
+
+    image = np.zeros((64, 64, 3), np.uint8)
+    image[2:22, 2:22] = (230, 20, 20)  # a big red square
+    image[40:50, 40:50] = (230, 20, 20)  # a red square of a quarter its area
+    image[30:32, 2:4] = (230, 20, 20)  # a speck, below the minimum area
+    image[40:60, 2:22] = (20, 20, 230)  # blue: another colour
+    image[22:26, 22:26] = (230, 20, 20)  # touches the big one at a corner only: its own region
+    blobs, major = count_objects(image, "red", min_area=20 / 64**2)
+    assert (blobs, major) == (2, 2)
+    assert count_objects(image, "blue", min_area=20 / 64**2) == (1, 1)
+    assert count_objects(image, "green", min_area=0.0) == (0, 0)
+    assert parse_setting("a:asg_strength=0.5,asg_detail_steps=2") == ("a", {"asg_strength": 0.5, "asg_detail_steps": 2})
