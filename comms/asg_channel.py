@@ -34,22 +34,36 @@ class StripExchange:
         self.plan, self.stats, self.group = plan, stats, group
         me = plan.index
         self.peers = [s for s in range(plan.tile_ranks) if s != me]
-        self.shared = {s: plan.shared(s) for s in self.peers}
+        # flat position indices (not boolean masks: gathering by index never syncs a GPU),
+        # moved to the latent's device on first use
+        positions = lambda mask: mask.flatten().nonzero().squeeze(1)  # noqa: E731
+        self.view = plan.view
+        self.shared = {s: positions(plan.shared(s)) for s in self.peers}
         self.view_mine = plan.view[plan.view_covered(me)]
-        self.view_theirs = {s: plan.view_covered(s) for s in self.peers}
+        self.view_theirs = {s: positions(plan.view_covered(s)) for s in self.peers}
+        self.device = torch.device("cpu")
+
+    def _to(self, device: torch.device) -> None:
+        if device != self.device:
+            self.view, self.view_mine = self.view.to(device), self.view_mine.to(device)
+            self.shared = {s: i.to(device) for s, i in self.shared.items()}
+            self.view_theirs = {s: i.to(device) for s, i in self.view_theirs.items()}
+            self.device = device
 
     def complete(self, partial: torch.Tensor, with_view: bool):
         """(the averaged-region sum, the full sum on the view pixels (B, C, n) or None)."""
+        self._to(partial.device)
+        partial = partial.contiguous()
         lead = partial.shape[:-2]
-        flat = partial.flatten(-2)
-        down = flat[..., self.plan.view].clone() if with_view else None  # own share, before the strips
+        flat = partial.flatten(-2)  # a view: adding into it adds into `partial`
+        down = flat[..., self.view].clone() if with_view else None  # own share, before the strips
         ops, received, sent, recvs = [], 0, 0, {}
         for s in self.peers:
-            strip = int(self.shared[s].sum())
-            theirs = int(self.view_theirs[s].sum()) if with_view else 0
+            strip = self.shared[s].numel()
+            theirs = self.view_theirs[s].numel() if with_view else 0
             if strip + theirs == 0:
                 continue
-            parts = [partial[..., self.shared[s]]]
+            parts = [flat[..., self.shared[s]]]
             if with_view:
                 parts.append(flat[..., self.view_mine])
             message = torch.cat(parts, dim=-1).contiguous()
@@ -66,7 +80,7 @@ class StripExchange:
             for work in dist.batch_isend_irecv(ops):
                 work.wait()
         for s, (buf, strip) in recvs.items():
-            partial[..., self.shared[s]] += buf[..., :strip]
+            flat[..., self.shared[s]] += buf[..., :strip]
             if with_view:
                 down[..., self.view_theirs[s]] += buf[..., strip:]
         return partial, down

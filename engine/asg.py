@@ -109,8 +109,8 @@ class GuidanceSchedule:
 
 
 class CrossAttentionRecorder:
-    """Attention processor for cross-attention layers that, while `recording`, keeps each
-    location's attention mass on the prompt's tokens. Otherwise plain attention."""
+    """Cross-attention written out (the probabilities are needed) that keeps each location's
+    attention mass on the prompt's tokens; runs only while `recording` (the branch's call)."""
 
     def __init__(self, maps: list, token_spans: list):
         self.maps = maps  # filled with (B, L) per layer call
@@ -135,16 +135,28 @@ class CrossAttentionRecorder:
             bias = attn.prepare_attention_mask(attention_mask, key.shape[-2], batch)
             scores = scores + bias.view(batch, heads, -1, key.shape[-2])
         probs = torch.softmax(scores, dim=-1)
-        if self.recording:
-            mass = torch.zeros(batch, length, dtype=torch.float32, device=probs.device)
-            for b, (first, end) in enumerate(self.token_spans):
-                mass[b] = probs[b, :, :, first:end].float().sum(-1).mean(0)
-            self.maps.append(mass)
+        mass = torch.zeros(batch, length, dtype=torch.float32, device=probs.device)
+        for b, (first, end) in enumerate(self.token_spans):
+            mass[b] = probs[b, :, :, first:end].float().sum(-1).mean(0)
+        self.maps.append(mass)
         out = (probs @ value).transpose(1, 2).reshape(batch, length, heads * dim)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+
+class RecordingOrOriginal:
+    """One cross-attention layer's processor during an ASG request: the recorder on the
+    branch's call, the model's own processor (SDPA, xformers, ...) on every tile."""
+
+    def __init__(self, original, recorder: CrossAttentionRecorder):
+        self.original, self.recorder = original, recorder
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+        run = self.recorder if self.recorder.recording else self.original
+        return run(attn, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask,
+                   temb=temb, **kw)
 
 
 def _cross_attention_names(denoiser) -> list[str]:
@@ -293,7 +305,7 @@ def structure_guided(pipe, denoiser, grid: TileGrid, schedule: GuidanceSchedule,
     else:
         wrapper = StructureGuidedTiles(*common)
     saved = dict(denoiser.attn_processors)
-    denoiser.set_attn_processor({name: wrapper.recorder if name in cross else proc
+    denoiser.set_attn_processor({name: RecordingOrOriginal(proc, wrapper.recorder) if name in cross else proc
                                  for name, proc in saved.items()})
     denoiser.forward = wrapper
     try:
@@ -388,7 +400,7 @@ class ParallelStructureGuidedTiles(StructureGuidedTiles):
                 split = math.prod(shapes[0])
                 self.ready = {j: (flat[:split].view(shapes[0]), flat[split:].view(shapes[1]))}
             guide, mask = self.ready[j]
-            down_eps = (down / self.weights.flatten()[self.plan.view]).view(shapes[0])
+            down_eps = (down / self.weights.flatten()[self.strips.view]).view(shapes[0])
             out = self._guide(out, guide, mask, w, down_eps)
         self.guidance_wait_s.append(waited)
         return out
