@@ -7,7 +7,8 @@ native-size tiles with overlap (`parallel.asg_tiles.TileGrid`); every denoiser c
 1. (on guided steps, w > 0) runs a *structure branch*: the same denoiser on a global view of the HR latent at native
    size (nearest-neighbour subsampling, which keeps the per-pixel noise level that area
    averaging would shrink). Its noise prediction, upsampled to HR, is the guidance `G`; the
-   branch's cross-attention probabilities on the prompt's own tokens (not the start token,
+   branch's attention probabilities from image locations to the prompt's own tokens
+   (cross-attention, or joint attention's image-to-text part; not the start token,
    not padding), averaged over heads and layers at native size, min-max normalised per
    image and lifted by a floor (`M = floor + (1 - floor) * map`), are the mask `M` in
    [0, 1] (strongest where the layout is decided by the prompt), upsampled where applied;
@@ -48,16 +49,18 @@ from comms.asg_channel import BranchChannel, StripExchange, assemble_latents
 from parallel.asg_tiles import TileGrid, TilePlan
 from parallel.config import ConfigError
 
-# Pipelines whose denoiser has cross-attention layers (the mask's source): UNets and
-# PixArt's DiT. SD3 and Flux attend jointly to [image; text] and Flux packs its latents
-# into tokens: neither has a separate cross-attention map or a spatial tile to cut.
-ASG_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "PixArtSigmaPipeline", "PixArtAlphaPipeline")
+# Pipelines with spatial latents whose denoiser attends from image to text (the mask's
+# source): UNets and PixArt by cross-attention, SD3 by joint attention. Flux packs its
+# latents into tokens before the denoiser: there is no spatial tile to cut.
+ASG_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "PixArtSigmaPipeline", "PixArtAlphaPipeline",
+                 "StableDiffusion3Pipeline")
 
 
 def asg_plan(info, parallel, height: int, width: int, steps: int) -> tuple[TileGrid, int]:
     """(tile grid, detail steps) of an ASG request; raises ConfigError on bad input."""
     if info.pipeline not in ASG_PIPELINES:
-        raise ConfigError(f"strategy 'asg' supports {', '.join(ASG_PIPELINES)} so far; {info.name} is a {info.pipeline}")
+        why = " (it packs the latent into tokens: no spatial tile to cut)" if info.pipeline == "FluxPipeline" else ""
+        raise ConfigError(f"strategy 'asg' supports {', '.join(ASG_PIPELINES)}; {info.name} is a {info.pipeline}{why}")
     vae = info.vae_scale_factor
     tile = info.native_size // vae
     overlap = parallel.asg_tile_overlap if parallel.asg_tile_overlap is not None else tile // 4
@@ -108,71 +111,102 @@ class GuidanceSchedule:
         return guidance_weight(call, self.calls, self.strength, self.detail_calls) if call < self.calls else 0.0
 
 
-class CrossAttentionRecorder:
-    """Cross-attention written out (the probabilities are needed) that keeps each location's
-    attention mass on the prompt's tokens; runs only while `recording` (the branch's call)."""
+class AttentionMassRecorder:
+    """While `recording` (the branch's call), keeps per layer each image location's
+    attention mass on the prompt's own tokens, averaged over heads: (B, L) into `maps`.
+    From cross-attention (UNets, PixArt: image queries over text keys) or from the
+    image-to-text part of joint attention (SD3: image queries over [image; text] keys).
+    It only measures; the layer's output still comes from the model's own processor."""
 
     def __init__(self, maps: list, token_spans: list):
-        self.maps = maps  # filled with (B, L) per layer call
-        self.token_spans = token_spans  # per batch element: (first, end) token index of the prompt
+        self.maps = maps
+        self.token_spans = token_spans  # per batch element: [(first, end), ...] in the text sequence
         self.recording = False
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
-        if encoder_hidden_states is None:
-            raise RuntimeError("CrossAttentionRecorder is for cross-attention layers only")
+    @torch.no_grad()
+    def record(self, attn, hidden_states, encoder_hidden_states, attention_mask, joint: bool) -> None:
         batch, length, _ = hidden_states.shape
-        if attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        residual = hidden_states
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
         heads = attn.heads
-        dim = key.shape[-1] // heads
-        query, key, value = (t.view(batch, -1, heads, dim).transpose(1, 2) for t in (query, key, value))
-        scores = (query @ key.transpose(-1, -2)) * attn.scale  # (B, heads, L, T)
-        if attention_mask is not None:  # PixArt: an additive bias that hides padding tokens
-            bias = attn.prepare_attention_mask(attention_mask, key.shape[-2], batch)
-            scores = scores + bias.view(batch, heads, -1, key.shape[-2])
-        probs = torch.softmax(scores, dim=-1)
-        mass = torch.zeros(batch, length, dtype=torch.float32, device=probs.device)
-        for b, (first, end) in enumerate(self.token_spans):
-            mass[b] = probs[b, :, :, first:end].float().sum(-1).mean(0)
-        self.maps.append(mass)
-        out = (probs @ value).transpose(1, 2).reshape(batch, length, heads * dim)
-        out = attn.to_out[1](attn.to_out[0](out))
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+
+        def split(t):  # (B, n, heads * dim) -> (B, heads, n, dim)
+            return t.view(batch, -1, heads, t.shape[-1] // heads).transpose(1, 2)
+
+        query = split(attn.to_q(hidden_states))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        bias, offset = None, 0
+        if joint:  # keys [image; text]: the text tokens start after the image's
+            key_image, key_text = split(attn.to_k(hidden_states)), split(attn.add_k_proj(encoder_hidden_states))
+            if attn.norm_k is not None:
+                key_image = attn.norm_k(key_image)
+            if attn.norm_added_k is not None:
+                key_text = attn.norm_added_k(key_text)
+            key, offset = torch.cat([key_image, key_text], dim=2), length
+        else:
+            if attn.norm_cross:
+                encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+            key = split(attn.to_k(encoder_hidden_states))
+            if attn.norm_k is not None:
+                key = attn.norm_k(key)
+            if attention_mask is not None:  # PixArt: an additive bias that hides padding tokens
+                bias = attn.prepare_attention_mask(attention_mask, key.shape[-2], batch).view(batch, heads, -1, key.shape[-2])
+        mass = torch.zeros(batch, length, dtype=torch.float32, device=hidden_states.device)
+        for h in range(heads):  # one head at a time: joint scores are (L, L + T) per head
+            scores = (query[:, h].float() @ key[:, h].float().transpose(-1, -2)) * attn.scale
+            if bias is not None:
+                scores = scores + bias[:, h].float()
+            probs = torch.softmax(scores, dim=-1)
+            for b, spans in enumerate(self.token_spans):
+                for first, end in spans:
+                    mass[b] += probs[b, :, offset + first:offset + end].sum(-1)
+        self.maps.append(mass / heads)
 
 
 class RecordingOrOriginal:
-    """One cross-attention layer's processor during an ASG request: the recorder on the
-    branch's call, the model's own processor (SDPA, xformers, ...) on every tile."""
+    """One text-attending layer's processor during an ASG request: the model's own processor
+    (SDPA, xformers, a patch-parallel one, ...), measured by the recorder on the branch's call."""
 
-    def __init__(self, original, recorder: CrossAttentionRecorder):
-        self.original, self.recorder = original, recorder
+    def __init__(self, original, recorder: AttentionMassRecorder, joint: bool):
+        self.original, self.recorder, self.joint = original, recorder, joint
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
-        run = self.recorder if self.recorder.recording else self.original
-        return run(attn, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask,
-                   temb=temb, **kw)
-
-
-def _cross_attention_names(denoiser) -> list[str]:
-    return [name for name in denoiser.attn_processors if "attn2" in name]
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        if self.recorder.recording and encoder_hidden_states is not None:
+            self.recorder.record(attn, hidden_states, encoder_hidden_states, attention_mask, self.joint)
+        return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
 
 
-def prompt_token_spans(pipe, prompts: list[str]) -> list[tuple[int, int]]:
-    """(first, end) positions of each prompt's own tokens in the text encoder's sequence:
-    after the start token (CLIP has one, T5 not), before the end token and padding."""
-    tokenizer = pipe.tokenizer
+def text_attention_layers(denoiser) -> dict[str, bool]:
+    """Processor name -> joint? for the layers whose image queries attend to text: the
+    cross-attention layers (UNet, PixArt) or the joint attention layers (SD3)."""
+    layers = {}
+    for name in getattr(denoiser, "attn_processors", {}):
+        module = denoiser.get_submodule(name.rsplit(".processor", 1)[0])
+        if getattr(module, "is_cross_attention", False):
+            layers[name] = False
+        elif getattr(module, "add_k_proj", None) is not None:
+            layers[name] = True
+    return layers
+
+
+def _span(tokenizer, prompt: str, offset: int = 0) -> tuple[int, int]:
+    """(first, end) of the prompt's own tokens: after the start token (CLIP has one, T5 not),
+    before the end token and padding."""
+    ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
+    first = 1 if tokenizer.bos_token_id is not None and ids and ids[0] == tokenizer.bos_token_id else 0
+    end = len(ids) - 1 if tokenizer.eos_token_id is not None and ids and ids[-1] == tokenizer.eos_token_id else len(ids)
+    return offset + first, offset + max(first + 1, end)
+
+
+def prompt_token_spans(pipe, prompts: list[str]) -> list[list[tuple[int, int]]]:
+    """Per prompt, where its own tokens sit in the text sequence the denoiser attends to.
+    SD3's sequence is [CLIP (padded to the tokenizer's length); T5]: one span in each (the
+    T5 part only when there is a T5 encoder; without one it is zeros)."""
     spans = []
     for prompt in prompts:
-        ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
-        first = 1 if tokenizer.bos_token_id is not None and ids and ids[0] == tokenizer.bos_token_id else 0
-        end = len(ids) - 1 if tokenizer.eos_token_id is not None and ids and ids[-1] == tokenizer.eos_token_id else len(ids)
-        spans.append((first, max(first + 1, end)))
+        mine = [_span(pipe.tokenizer, prompt)]
+        if getattr(pipe, "text_encoder_3", None) is not None:
+            mine.append(_span(pipe.tokenizer_3, prompt, offset=pipe.tokenizer_max_length))
+        spans.append(mine)
     return spans
 
 
@@ -207,7 +241,7 @@ class StructureGuidedTiles:
         self.cfg = cfg
         self.maps: list = []
         spans = token_spans * 2 if cfg else token_spans  # [uncond; cond] both attend to prompts' spans
-        self.recorder = CrossAttentionRecorder(self.maps, spans)
+        self.recorder = AttentionMassRecorder(self.maps, spans)
         self.step = 0
         self.branch_calls = 0
         self.weights = None
@@ -274,7 +308,16 @@ class StructureGuidedTiles:
             return UNet2DConditionOutput(sample=out)
         return (out,)
 
-    def __call__(self, sample, *args, return_dict=True, **kwargs):
+    @staticmethod
+    def _sample(args: tuple, kwargs: dict):
+        """(the latent, the other positional arguments): pipelines pass the latent first, or
+        as `hidden_states=` (SD3); the tiles pass it first."""
+        if "hidden_states" in kwargs:
+            return kwargs.pop("hidden_states"), args
+        return args[0], args[1:]
+
+    def __call__(self, *args, return_dict=True, **kwargs):
+        sample, args = self._sample(args, kwargs)
         w = self.schedule.weight(self.step)
         self.step += 1
         if self.weights is None:
@@ -294,9 +337,10 @@ def structure_guided(pipe, denoiser, grid: TileGrid, schedule: GuidanceSchedule,
                      topo=None, stats=None, staleness: int = 1):
     """Run the pipeline's denoiser as ASG for one request, then restore it. With `topo`
     (several ranks) the tiles and the branch are spread over the ranks."""
-    cross = set(_cross_attention_names(denoiser)) if hasattr(denoiser, "attn_processors") else set()
-    if not cross:
-        raise NotImplementedError(f"asg needs a denoiser with cross-attention (UNet, PixArt); got {type(denoiser).__name__}")
+    layers = text_attention_layers(denoiser)
+    if not layers:
+        raise NotImplementedError(f"asg needs a denoiser whose image attends to text (UNet, PixArt, SD3); "
+                                  f"got {type(denoiser).__name__}")
     common = (denoiser, grid, schedule, prompt_token_spans(pipe, prompts), cfg)
     if topo is not None and topo.distributed:
         wrapper = ParallelStructureGuidedTiles(
@@ -305,7 +349,7 @@ def structure_guided(pipe, denoiser, grid: TileGrid, schedule: GuidanceSchedule,
     else:
         wrapper = StructureGuidedTiles(*common)
     saved = dict(denoiser.attn_processors)
-    denoiser.set_attn_processor({name: RecordingOrOriginal(proc, wrapper.recorder) if name in cross else proc
+    denoiser.set_attn_processor({name: RecordingOrOriginal(proc, wrapper.recorder, layers[name]) if name in layers else proc
                                  for name, proc in saved.items()})
     denoiser.forward = wrapper
     try:
@@ -359,7 +403,8 @@ class ParallelStructureGuidedTiles(StructureGuidedTiles):
         return [(batch, self.out_channels, self.grid.tile_h, self.grid.tile_w),
                 (batch // 2 if self.cfg else batch, 1, self.grid.tile_h, self.grid.tile_w)]
 
-    def __call__(self, sample, *args, return_dict=True, **kwargs):
+    def __call__(self, *args, return_dict=True, **kwargs):
+        sample, args = self._sample(args, kwargs)
         k = self.step
         self.step += 1
         self.stats.step = k

@@ -160,8 +160,8 @@ def test_asg_bad_input_fails_before_work(pool):
     with pytest.raises(ConfigError, match="only 1 tiles"):
         build_request(describe_model("tiny-sd"), ParallelConfig(strategy="asg", world_size=3), PROMPT,
                       height=256, width=256)
-    with pytest.raises(ConfigError, match="tiny-sd3 is a StableDiffusion3Pipeline"):  # joint attention: no mask
-        build_request(describe_model("tiny-sd3"), ParallelConfig(strategy="asg"), PROMPT, height=512, width=512)
+    with pytest.raises(ConfigError, match="tiny-flux is a FluxPipeline"):  # latents packed into tokens
+        build_request(describe_model("tiny-flux"), ParallelConfig(strategy="asg"), PROMPT, height=512, width=512)
     with pytest.raises(ConfigError, match="cfg_split does not apply"):
         build_request(describe_model("tiny-sd"), ParallelConfig(strategy="asg", world_size=2, cfg_split=True),
                       PROMPT, height=512, width=512)
@@ -213,13 +213,40 @@ def test_parallel_asg_with_stale_guidance_stays_close_and_never_waits_long(pool,
         assert max(late) < 0.25 * step_time, (late, step_time)
 
 
-def test_parallel_asg_on_a_dit_equals_its_reference(pool):
-    """PixArt (a DiT with cross-attention, predicting mean and variance): the same algorithm,
-    tiles on ranks 0-1 and the branch on rank 2, equals the single-process run."""
+@pytest.mark.parametrize("model", ["tiny-pixart", "tiny-sd3"])
+def test_parallel_asg_on_a_dit_equals_its_reference(pool, model):
+    """DiTs: PixArt (cross-attention, predicting mean and variance) and SD3 (the mask from
+    joint attention's image-to-text part; the latent passed as hidden_states=). The same
+    algorithm, tiles on ranks 0-1 and the branch on rank 2, equals the single-process run."""
     config = ParallelConfig(asg_staleness=0, **ASG)
-    ref = pool.serial_engine("tiny-pixart").generate(PROMPT, parallel=config, **PAR)
-    off = pool.serial_engine("tiny-pixart").generate(PROMPT, parallel=replace(config, asg_strength=0.0), **PAR)
+    ref = pool.serial_engine(model).generate(PROMPT, parallel=config, **PAR)
+    off = pool.serial_engine(model).generate(PROMPT, parallel=replace(config, asg_strength=0.0), **PAR)
+    assert ref.report["asg"]["tiles"] > 1
     assert rel_l2(ref.latents.numpy(), off.latents.numpy()) > 1e-3  # the guidance does act on a DiT
-    result = pool.parallel_engine("tiny-pixart", 3).generate(PROMPT, parallel=config, **PAR)
+    result = pool.parallel_engine(model, 3).generate(PROMPT, parallel=config, **PAR)
     err = rel_l2(result.latents.numpy(), ref.latents.numpy())
-    assert err <= 1e-5, f"parallel asg on tiny-pixart differs from the reference: rel L2 {err:.2e}"
+    assert err <= 1e-5, f"parallel asg on {model} differs from the reference: rel L2 {err:.2e}"
+
+
+def test_joint_attention_mass_is_the_text_share_of_the_softmax():
+    """SD3's mask source: the recorder's mass equals the prompt's share of each image
+    query's softmax over [image; text] keys, written out here."""
+    from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
+
+    from engine.asg import AttentionMassRecorder, RecordingOrOriginal
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=32, added_kv_proj_dim=32, heads=2, dim_head=16, qk_norm="rms_norm",
+                     context_pre_only=False, processor=JointAttnProcessor2_0())
+    image, text = torch.randn(1, 12, 32), torch.randn(1, 7, 32)
+    maps = []
+    recorder = AttentionMassRecorder(maps, [[(1, 3), (5, 6)]])
+    recorder.recording = True
+    out = RecordingOrOriginal(attn.processor, recorder, joint=True)(attn, image, text)
+    assert torch.equal(out[0], attn.processor(attn, image, text)[0])  # the layer's own output
+    q = attn.norm_q(attn.to_q(image).view(1, 12, 2, 16).transpose(1, 2))
+    k = torch.cat([attn.norm_k(attn.to_k(image).view(1, 12, 2, 16).transpose(1, 2)),
+                   attn.norm_added_k(attn.add_k_proj(text).view(1, 7, 2, 16).transpose(1, 2))], dim=2)
+    probs = torch.softmax(q @ k.transpose(-1, -2) / 4.0, dim=-1)  # (1, heads, 12, 19)
+    expected = (probs[..., 12 + 1:12 + 3].sum(-1) + probs[..., 12 + 5:12 + 6].sum(-1)).mean(1)
+    assert len(maps) == 1 and torch.allclose(maps[0], expected, atol=1e-6)
