@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 from engine.models import ModelInfo, resolve_scheduler
 from parallel.bands import BandPlan
-from parallel.config import PATCH_STRATEGIES, ConfigError, ParallelConfig
+from parallel.config import PATCH_STRATEGIES, ConfigError, ParallelConfig, is_int
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ def _prompts(value, what: str) -> tuple[str, ...]:
 
 
 def _positive_int(value, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value) or value < 1:
         raise ConfigError(f"{what} must be a positive integer, got {value!r}")
     return value
 
@@ -77,7 +77,7 @@ def build_request(
     steps = _positive_int(num_inference_steps, "num_inference_steps")
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
         raise ConfigError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+    if not is_int(seed) or seed < 0:
         raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
     guided = guidance_scale > 1.0 and info.does_cfg  # when the pipeline batches uncond + cond
     negatives = None

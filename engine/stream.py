@@ -29,7 +29,7 @@ from comms.chunk_link import STOP, ChunkLink
 from engine.causal_video import ChunkKVCache
 from engine.faults import FAULT_ENV, injected_fault_step
 from engine.video import VideoModel, flow_sigmas, load_video_model, wan_vae_factor
-from parallel.config import ConfigError
+from parallel.config import ConfigError, is_int
 from parallel.tpp import StagePlan
 
 
@@ -97,10 +97,10 @@ def build_stream_request(info: VideoInfo, strategy: str, world_size: int, prompt
     if strategy not in ("none", "tpp"):
         raise ConfigError(f"a video model streams with strategy 'tpp' (or 'none', one rank); got {strategy!r}")
     steps = info.steps if steps is None else steps
-    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= info.max_steps:
+    if not is_int(steps) or not 1 <= steps <= info.max_steps:
         raise ConfigError(f"{info.name}: steps per chunk must be an integer in 1..{info.max_steps} "
                           f"(the few-step schedule allows at most {info.max_steps}), got {steps!r}")
-    if num_chunks is not None and (not isinstance(num_chunks, int) or isinstance(num_chunks, bool) or num_chunks < 1):
+    if num_chunks is not None and (not is_int(num_chunks) or num_chunks < 1):
         raise ConfigError(f"num_chunks must be a positive integer or None (endless), got {num_chunks!r}")
     height, width = height or info.height, width or info.width
     f = info.spatial_factor
@@ -108,7 +108,7 @@ def build_stream_request(info: VideoInfo, strategy: str, world_size: int, prompt
         raise ConfigError(f"{info.name}: frame size {height}x{width} must be a positive multiple of {f} "
                           "(the VAE factor times the patch size)")
     kv_window = info.kv_window if kv_window is None else kv_window
-    if not isinstance(kv_window, int) or isinstance(kv_window, bool) or kv_window < 0:
+    if not is_int(kv_window) or kv_window < 0:
         raise ConfigError(f"kv_window must be a non-negative integer (chunks), got {kv_window!r}")
     if strategy == "tpp":
         StagePlan.build(steps, world_size)  # raises when there are more ranks than steps

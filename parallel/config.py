@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
+
+def is_int(value) -> bool:
+    """An integer and not a bool (True is an int to Python, never to a user)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 # Beyond 1 the guidance extrapolates past the branch on its grid; far beyond it overshoots.
 MAX_ASG_STRENGTH = 4.0
 STRATEGIES = ("none", "patch", "patch-sync", "pcpp", "asg", "tpp")
@@ -78,18 +84,16 @@ class ParallelConfig:
         portion = self.pcpp_portion
         if isinstance(portion, bool) or not isinstance(portion, (int, float)) or not 0.0 < portion <= 1.0:
             raise ConfigError(f"pcpp_portion must be a number in (0, 1], got {portion!r}")
-        if self.asg_tile_overlap is not None and (
-                not isinstance(self.asg_tile_overlap, int) or isinstance(self.asg_tile_overlap, bool)
-                or self.asg_tile_overlap < 0):
+        if self.asg_tile_overlap is not None and (not is_int(self.asg_tile_overlap) or self.asg_tile_overlap < 0):
             raise ConfigError(f"asg_tile_overlap must be a non-negative integer (latent rows), got {self.asg_tile_overlap!r}")
         for name, value, high in (("asg_strength", self.asg_strength, MAX_ASG_STRENGTH),
                                   ("asg_mask_floor", self.asg_mask_floor, 1.0)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= high:
                 raise ConfigError(f"{name} must be a number in [0, {high:g}], got {value!r}")
         detail = self.asg_detail_steps
-        if detail is not None and (not isinstance(detail, int) or isinstance(detail, bool) or detail < 0):
+        if detail is not None and (not is_int(detail) or detail < 0):
             raise ConfigError(f"asg_detail_steps must be a non-negative integer, got {detail!r}")
-        if self.asg_staleness not in (0, 1) or isinstance(self.asg_staleness, bool):
+        if not is_int(self.asg_staleness) or self.asg_staleness not in (0, 1):
             raise ConfigError(f"asg_staleness must be 0 or 1, got {self.asg_staleness!r}")
         if self.gn_mode not in GN_MODES:
             raise ConfigError(f"unknown gn_mode {self.gn_mode!r}; choose one of {', '.join(GN_MODES)}")
