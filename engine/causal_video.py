@@ -117,6 +117,7 @@ class GlobalFrameRotary(torch.nn.Module):
         self.h_dim = self.w_dim = 2 * (attention_head_dim // 6)
         self.t_dim = attention_head_dim - self.h_dim - self.w_dim
         self.frame_offset = 0
+        self._last = (None, None)  # (key, tables): every step of a chunk asks for the same tables
 
     def _axis(self, dim: int, positions: torch.Tensor):
         return get_1d_rotary_pos_embed(dim, positions, self.theta, use_real=True, repeat_interleave_real=True,
@@ -127,6 +128,9 @@ class GlobalFrameRotary(torch.nn.Module):
         p_t, p_h, p_w = self.patch_size
         f, h, w = frames // p_t, height // p_h, width // p_w
         start = self.frame_offset // p_t
+        key = (start, f, h, w, hidden_states.device)
+        if self._last[0] == key:
+            return self._last[1]
         parts = [self._axis(self.t_dim, torch.arange(start, start + f, dtype=torch.float64)),
                  self._axis(self.h_dim, torch.arange(h, dtype=torch.float64)),
                  self._axis(self.w_dim, torch.arange(w, dtype=torch.float64))]
@@ -135,7 +139,8 @@ class GlobalFrameRotary(torch.nn.Module):
         for index in (0, 1):  # cos, sin
             grids = [p[index].view(*s, -1).expand(f, h, w, -1) for p, s in zip(parts, shape)]
             out.append(torch.cat(grids, dim=-1).reshape(1, f * h * w, 1, -1).to(hidden_states.device))
-        return tuple(out)
+        self._last = (key, tuple(out))
+        return self._last[1]
 
 
 class CausalWanTransformer(WanTransformer3DModel):
