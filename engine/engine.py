@@ -268,8 +268,6 @@ class Engine:
         if getattr(self.info, "kind", "image") != "video":
             raise ConfigError(f"{self.model} is an image model: stream needs a causal video model "
                               "(e.g. tiny-causal-video); use generate()")
-        if self.launch == "ray":
-            raise ConfigError("stream runs on the local launcher, torchrun or one rank; Ray is not supported yet")
         if self.launch == "torchrun" and num_chunks is None:
             raise ConfigError("under torchrun a stream needs num_chunks: a caller on one rank cannot stop the others")
         request = build_stream_request(self.info, self.parallel.strategy, self.parallel.world_size or 1, prompt,

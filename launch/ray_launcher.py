@@ -10,6 +10,9 @@
 - Liveness: the driver waits on every rank's call with `ray.wait`; a rank that raises or an
   actor that dies fails the request within seconds with the rank and the cause, and the
   whole group is killed (peers may sit in a collective that will never complete).
+- Streams (tpp video): the decoding rank puts frames into a Ray queue the driver reads; a
+  small control actor carries the caller's side back to rank 0 (chunks consumed, for
+  backpressure, and stop, when the caller closes the stream early).
 """
 
 from __future__ import annotations
@@ -20,13 +23,14 @@ import sys
 import time
 from collections import OrderedDict
 
-from launch.worker import RankFailedError, configure_threads
+from launch.worker import CHUNKS_AHEAD_SLACK, RankFailedError, configure_threads
 from parallel.config import ConfigError
 
 START_TIMEOUT_S = 600.0
 PLACEMENT_TIMEOUT_S = 60.0
 POLL_S = 0.2
 DEATH_GRACE_S = 3.0  # how long a peer's error waits for Ray to report a dead actor
+STREAM_POLL_S = 0.005  # rank 0's backpressure poll
 
 
 def import_ray():
@@ -60,24 +64,61 @@ class RankActor:
         )
         configure_threads(parallel.threads_per_rank, local_world)
         from comms.groups import init_distributed
-        from engine.runtime import RankRuntime
+        from engine.runtime import make_runtime
 
         self.rank = rank
         # Ray gives a GPU actor only its own GPU (CUDA_VISIBLE_DEVICES), so its local device
         # is the first visible one; on CPU the local rank is irrelevant.
         gpu_local = 0 if os.environ.get("CUDA_VISIBLE_DEVICES") else local_rank
         topo = init_distributed(rank, world, gpu_local, device, parallel.comm_timeout_s)
-        self.runtime = RankRuntime(model, topo, dtype)
+        self.runtime = make_runtime(model, topo, dtype)
         return self.runtime.info
 
     def run(self, request):
         output = self.runtime.run(request)
         return output if self.rank == 0 else None
 
+    def stream(self, request, frames, control):
+        """This rank's part of a stream; the decoding rank puts (chunk, frames, seconds) into
+        the `frames` queue. Returns this rank's report."""
+        import ray
+
+        ahead = request.world_size + CHUNKS_AHEAD_SLACK
+
+        def should_stop():
+            return ray.get(control.state.remote())[1]
+
+        def may_start(chunk):  # backpressure: wait while the caller is `ahead` chunks behind
+            while True:
+                consumed, stop = ray.get(control.state.remote())
+                if stop or chunk - consumed < ahead:
+                    return
+                time.sleep(STREAM_POLL_S)
+
+        for item in self.runtime.stream(request, should_stop=should_stop, may_start=may_start):
+            frames.put(item)
+        return self.runtime.last_report
+
     def stop(self) -> None:
         from comms.groups import shutdown
 
         shutdown()
+
+
+class StreamControl:
+    """The caller's side of one stream, for rank 0 to read: chunks consumed and stop."""
+
+    def __init__(self):
+        self.consumed, self.stop = 0, False
+
+    def took(self, chunks: int) -> None:
+        self.consumed = chunks
+
+    def halt(self) -> None:
+        self.stop = True
+
+    def state(self) -> tuple[int, bool]:
+        return self.consumed, self.stop
 
 
 def _died(ray, exc) -> bool:
@@ -180,6 +221,61 @@ class RayLauncher:
             raise RankFailedError("this engine's Ray actors are stopped; call engine.restart() or make a new engine")
         refs = [actor.run.remote(request) for actor in self._actors]
         return self._gather(refs, "run", None)[0]
+
+    def stream(self, request):
+        """Yield (chunk, frames, seconds) as the decoding rank sends them; afterwards
+        `last_reports` holds every rank's report. Closing the generator early stops the
+        pipeline (rank 0 starts no new chunk, the rest drain) and waits for every rank."""
+        if self.closed:
+            raise RankFailedError("this engine's Ray actors are stopped; call engine.restart() or make a new engine")
+        ray = self._ray
+        from ray.util.queue import Empty, Queue
+
+        self.last_reports = []
+        frames = Queue(actor_options={"num_cpus": 0})
+        control = ray.remote(StreamControl).options(num_cpus=0).remote()
+        refs = [actor.stream.remote(request, frames, control) for actor in self._actors]
+        taken, finished = 0, False
+        try:
+            while True:
+                try:
+                    item = frames.get(timeout=POLL_S)
+                except Empty:
+                    if self._stream_ended(refs):  # every rank returned: what is queued is all
+                        while not frames.empty():
+                            yield frames.get()
+                            taken += 1
+                        finished = True
+                        break
+                    continue
+                yield item
+                taken += 1
+                control.took.remote(taken)
+        finally:
+            if not self.closed:
+                if not finished:
+                    control.halt.remote()  # stopped early: rank 0 starts no new chunk, the rest drain
+                reports = self._gather(refs, "stream", None)
+                self.last_reports = reports
+            if ray.is_initialized():  # a failure shuts down a private cluster, helpers and all
+                for handle in (control, frames.actor):
+                    try:
+                        ray.kill(handle, no_restart=True)
+                    except ray.exceptions.RayError:  # already gone with its node
+                        pass
+
+    def _stream_ended(self, refs: list) -> bool:
+        """Whether every rank's stream call returned; fails fast on an error or dead actor."""
+        ready, _ = self._ray.wait(refs, num_returns=len(refs), timeout=0)
+        if len(ready) < len(refs):
+            for ref in ready:  # surface a failure now rather than waiting for the others
+                try:
+                    self._ray.get(ref)
+                except self._ray.exceptions.RayError:
+                    self._gather(refs, "stream", None)  # raises with the root cause
+            return False
+        self._gather(refs, "stream", None)  # raises if any failed
+        return True
 
     def _gather(self, refs: list, what: str, timeout_s: float | None) -> list:
         """Every rank's result of one call; the first error or dead actor fails them all."""

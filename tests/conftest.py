@@ -8,7 +8,9 @@ world size).
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 from collections import OrderedDict
 
 import pytest
@@ -66,3 +68,21 @@ def pool():
     p = EnginePool()
     yield p
     p.close_live()
+
+
+@pytest.fixture(scope="module")
+def ray_env():
+    """Ray on loopback, its files under a short private directory (unix socket paths are
+    limited to ~107 characters), no auth token in the home directory."""
+    tmp = tempfile.mkdtemp(prefix="tray-", dir="/tmp")
+    saved = {k: os.environ.get(k) for k in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_MODE", "RAY_TMPDIR",
+                                           "RAY_ADDRESS")}
+    os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled", RAY_TMPDIR=tmp)
+    os.environ.pop("RAY_ADDRESS", None)
+    yield tmp
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    shutil.rmtree(tmp, ignore_errors=True)

@@ -108,7 +108,7 @@ def test_cli_unknown_strategy_exits_nonzero():
 
 def test_a_rank_that_raises_stops_every_rank_within_seconds(monkeypatch):
     monkeypatch.setenv("TESSERA_INJECT_FAULT", "rank=1,step=2")
-    engine = Engine.from_pretrained("tiny-sd", parallel=ParallelConfig(strategy="patch", world_size=3))
+    engine = Engine.from_pretrained("tiny-sd", parallel=ParallelConfig(strategy="patch", world_size=2))
     procs = engine._backend._procs
     start = time.monotonic()
     with pytest.raises(RankFailedError, match=r"rank 1 failed: RuntimeError: injected fault at step 2"):
