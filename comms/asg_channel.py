@@ -34,8 +34,8 @@ class StripExchange:
         self.plan, self.stats, self.group = plan, stats, group
         me = plan.index
         self.peers = [s for s in range(plan.tile_ranks) if s != me]
-        # flat position indices (not boolean masks: gathering by index never syncs a GPU),
-        # moved to the latent's device on first use
+        # flat position indices, moved to the latent's device on first use: a boolean mask
+        # would sync a GPU on every gather, a CPU index would be copied on every step
         positions = lambda mask: mask.flatten().nonzero().squeeze(1)  # noqa: E731
         self.view = plan.view
         self.shared = {s: positions(plan.shared(s)) for s in self.peers}
@@ -93,12 +93,23 @@ class BranchChannel:
         self.stats, self.group = stats, group
         self.world = dist.get_world_size(group)
         self.inflight: list = []  # sends and broadcasts to finish before the request ends
+        self._positions: dict = {}  # (rank, device) -> flat latent positions of its owned view pixels
+
+    def _owned_positions(self, plan: TilePlan, rank: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latent positions, places in the view) of the view pixels tile rank `rank` owns, on
+        `device`, computed once (indexing with CPU tensors would copy them every step)."""
+        key = (rank, device)
+        if key not in self._positions:
+            owned = plan.view_owned(rank)
+            self._positions[key] = (plan.view[owned].to(device), owned.nonzero().squeeze(1).to(device))
+        return self._positions[key]
 
     def send_view(self, sample: torch.Tensor, plan: TilePlan) -> None:
         """Tile rank: start sending its own view pixels of `sample` to the branch rank."""
-        values = sample.flatten(-2)[..., plan.view[plan.view_owned(plan.index)]].contiguous()
-        if values.shape[-1] == 0:
+        positions, _ = self._owned_positions(plan, plan.index, sample.device)
+        if positions.numel() == 0:
             return
+        values = sample.flatten(-2)[..., positions].contiguous()
         self.stats.record_op(nbytes(values), 0, kind="view")
         self.inflight.append((values, dist.isend(values, self.branch, self.group, VIEW_TAG)))
 
@@ -107,10 +118,10 @@ class BranchChannel:
         view = sample.new_zeros(*sample.shape[:-2], plan.view.numel())
         pending = []
         for r in range(plan.tile_ranks):
-            owned = plan.view_owned(r)
-            if not bool(owned.any()):
+            _, owned = self._owned_positions(plan, r, sample.device)
+            if owned.numel() == 0:
                 continue
-            buf = sample.new_empty(*sample.shape[:-2], int(owned.sum()))
+            buf = sample.new_empty(*sample.shape[:-2], owned.numel())
             self.stats.record_op(0, nbytes(buf), kind="view")
             pending.append((owned, buf, dist.irecv(buf, r, self.group, VIEW_TAG)))
         with self.stats.waiting(sample.device):

@@ -86,9 +86,13 @@ def guidance_weight(step: int, steps: int, strength: float, detail_steps: int) -
 
 def denoiser_calls(scheduler, steps: int) -> int:
     """How often the pipeline calls the denoiser for `steps` steps: once per timestep the
-    scheduler lays out (Heun and KDPM2 evaluate twice per step: about 2 * steps)."""
+    scheduler lays out (Heun and KDPM2 evaluate twice per step but the last: 2 * steps - 1)."""
+    order = getattr(scheduler, "order", 1)
     probe = type(scheduler).from_config(scheduler.config)
-    probe.set_timesteps(steps)
+    try:
+        probe.set_timesteps(steps)
+    except (TypeError, ValueError):  # e.g. flow matching with dynamic shifting wants `mu`
+        return order * (steps - 1) + 1
     return len(probe.timesteps)
 
 
@@ -99,13 +103,16 @@ class GuidanceSchedule:
     calls: int  # denoiser calls of the request (steps, or about twice that for Heun)
     strength: float  # w at the first call
     detail_calls: int  # the last calls, without guidance
-    mask_floor: float = 0.0  # M = floor + (1 - floor) * normalised attention mass
+    mask_floor: float  # M = floor + (1 - floor) * normalised attention mass
 
     @classmethod
     def for_request(cls, scheduler, steps: int, strength: float, detail_steps: int, mask_floor: float):
+        """The last `detail_steps` steps in calls: every step but the last takes `order`
+        calls, so the guided steps are the first `order * (steps - detail_steps)` calls and a
+        step is never guided on one of its calls only."""
         calls = denoiser_calls(scheduler, steps)
-        detail = detail_steps if calls == steps else round(detail_steps * calls / steps)
-        return cls(calls, strength, detail, mask_floor)
+        guided = getattr(scheduler, "order", 1) * (steps - detail_steps)
+        return cls(calls, strength, max(0, calls - guided), mask_floor)
 
     def weight(self, call: int) -> float:
         return guidance_weight(call, self.calls, self.strength, self.detail_calls) if call < self.calls else 0.0
@@ -118,13 +125,18 @@ class AttentionMassRecorder:
     image-to-text part of joint attention (SD3: image queries over [image; text] keys).
     It only measures; the layer's output still comes from the model's own processor."""
 
-    def __init__(self, maps: list, token_spans: list):
+    def __init__(self, maps: list, token_spans: list, skip: int = 0):
         self.maps = maps
-        self.token_spans = token_spans  # per batch element: [(first, end), ...] in the text sequence
+        self.token_spans = token_spans  # per measured batch element: [(first, end), ...] in the text sequence
+        self.skip = skip  # leading batch elements not measured (CFG: the unconditional half)
         self.recording = False
 
     @torch.no_grad()
     def record(self, attn, hidden_states, encoder_hidden_states, attention_mask, joint: bool) -> None:
+        skip = self.skip
+        hidden_states, encoder_hidden_states = hidden_states[skip:], encoder_hidden_states[skip:]
+        if attention_mask is not None:
+            attention_mask = attention_mask[skip:]
         batch, length, _ = hidden_states.shape
         heads = attn.heads
 
@@ -240,8 +252,8 @@ class StructureGuidedTiles:
         self.schedule = schedule
         self.cfg = cfg
         self.maps: list = []
-        spans = token_spans * 2 if cfg else token_spans  # [uncond; cond] both attend to prompts' spans
-        self.recorder = AttentionMassRecorder(self.maps, spans)
+        # with CFG the batch is [uncond; cond]: only the conditional half's layout is measured
+        self.recorder = AttentionMassRecorder(self.maps, token_spans, skip=len(token_spans) if cfg else 0)
         self.step = 0
         self.branch_calls = 0
         self.weights = None
@@ -273,8 +285,6 @@ class StructureGuidedTiles:
         floor = self.schedule.mask_floor
         if floor > 0:  # guide the background too, where tiles would otherwise repeat objects
             mask = floor + (1.0 - floor) * mask
-        if self.cfg:
-            mask = mask[mask.shape[0] // 2:]
         return guide, mask.to(view.dtype)
 
     def _guide(self, eps, guide, mask, w: float, down_eps=None):

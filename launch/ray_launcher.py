@@ -233,10 +233,10 @@ class RayLauncher:
 
         self.last_reports = []
         frames = Queue(actor_options={"num_cpus": 0})
-        control = ray.remote(StreamControl).options(num_cpus=0).remote()
-        refs = [actor.stream.remote(request, frames, control) for actor in self._actors]
-        taken, finished = 0, False
+        control, refs, taken, finished = None, [], 0, False
         try:
+            control = ray.remote(StreamControl).options(num_cpus=0).remote()
+            refs = [actor.stream.remote(request, frames, control) for actor in self._actors]
             while True:
                 try:
                     item = frames.get(timeout=POLL_S)
@@ -252,30 +252,35 @@ class RayLauncher:
                 taken += 1
                 control.took.remote(taken)
         finally:
-            if not self.closed:
-                if not finished:
-                    control.halt.remote()  # stopped early: rank 0 starts no new chunk, the rest drain
-                reports = self._gather(refs, "stream", None)
-                self.last_reports = reports
-            if ray.is_initialized():  # a failure shuts down a private cluster, helpers and all
-                for handle in (control, frames.actor):
-                    try:
-                        ray.kill(handle, no_restart=True)
-                    except ray.exceptions.RayError:  # already gone with its node
-                        pass
+            try:
+                if refs and not self.closed:
+                    if not finished:
+                        control.halt.remote()  # stopped early: rank 0 starts no new chunk, the rest drain
+                    self.last_reports = self._gather(refs, "stream", None)
+            finally:
+                self._kill_helpers(control, frames.actor)
+
+    def _kill_helpers(self, *handles) -> None:
+        ray = self._ray
+        if not ray.is_initialized():  # a failure shut down the private cluster, helpers and all
+            return
+        for handle in handles:
+            if handle is not None:
+                try:
+                    ray.kill(handle, no_restart=True)
+                except ray.exceptions.RayError:  # already gone with its node
+                    pass
 
     def _stream_ended(self, refs: list) -> bool:
-        """Whether every rank's stream call returned; fails fast on an error or dead actor."""
+        """Whether every rank's stream call returned; fails fast (naming the rank) when one
+        raised or its actor died."""
         ready, _ = self._ray.wait(refs, num_returns=len(refs), timeout=0)
-        if len(ready) < len(refs):
-            for ref in ready:  # surface a failure now rather than waiting for the others
-                try:
-                    self._ray.get(ref)
-                except self._ray.exceptions.RayError:
-                    self._gather(refs, "stream", None)  # raises with the root cause
-            return False
-        self._gather(refs, "stream", None)  # raises if any failed
-        return True
+        for ref in ready:
+            try:
+                self._ray.get(ref)
+            except self._ray.exceptions.RayError:
+                self._gather(refs, "stream", None)  # raises with the root cause
+        return len(ready) == len(refs)
 
     def _gather(self, refs: list, what: str, timeout_s: float | None) -> list:
         """Every rank's result of one call; the first error or dead actor fails them all."""

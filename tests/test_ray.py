@@ -4,11 +4,9 @@ a two-node cluster started with `ray start` on this machine (loopback only)."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
