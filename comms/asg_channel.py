@@ -29,30 +29,25 @@ STRIP_TAG = 7101
 VIEW_TAG = 7102
 
 
+def _positions(mask: torch.Tensor, device) -> torch.Tensor:
+    """Flat indices of a boolean mask's True entries, on `device`. Exchanges gather and
+    scatter by these, made once per request: a boolean mask would sync a GPU on every
+    gather, a CPU index would be copied to it on every step."""
+    return mask.flatten().nonzero().squeeze(1).to(device)
+
+
 class StripExchange:
-    def __init__(self, plan: TilePlan, stats, group=None):
+    def __init__(self, plan: TilePlan, stats, group=None, device=None):
         self.plan, self.stats, self.group = plan, stats, group
         me = plan.index
         self.peers = [s for s in range(plan.tile_ranks) if s != me]
-        # flat position indices, moved to the latent's device on first use: a boolean mask
-        # would sync a GPU on every gather, a CPU index would be copied on every step
-        positions = lambda mask: mask.flatten().nonzero().squeeze(1)  # noqa: E731
-        self.view = plan.view
-        self.shared = {s: positions(plan.shared(s)) for s in self.peers}
-        self.view_mine = plan.view[plan.view_covered(me)]
-        self.view_theirs = {s: positions(plan.view_covered(s)) for s in self.peers}
-        self.device = torch.device("cpu")
-
-    def _to(self, device: torch.device) -> None:
-        if device != self.device:
-            self.view, self.view_mine = self.view.to(device), self.view_mine.to(device)
-            self.shared = {s: i.to(device) for s, i in self.shared.items()}
-            self.view_theirs = {s: i.to(device) for s, i in self.view_theirs.items()}
-            self.device = device
+        self.view = plan.view.to(device)
+        self.shared = {s: _positions(plan.shared(s), device) for s in self.peers}
+        self.view_mine = plan.view[plan.view_covered(me)].to(device)
+        self.view_theirs = {s: _positions(plan.view_covered(s), device) for s in self.peers}
 
     def complete(self, partial: torch.Tensor, with_view: bool):
         """(the averaged-region sum, the full sum on the view pixels (B, C, n) or None)."""
-        self._to(partial.device)
         partial = partial.contiguous()
         lead = partial.shape[:-2]
         flat = partial.flatten(-2)  # a view: adding into it adds into `partial`
@@ -87,38 +82,32 @@ class StripExchange:
 
 
 class BranchChannel:
-    def __init__(self, branch: int, stats, group=None):
-        self.branch = branch
+    def __init__(self, plan: TilePlan, stats, group=None, device=None):
+        self.branch = plan.tile_ranks  # the rank after the tile ranks
         self.rank = dist.get_rank()
         self.stats, self.group = stats, group
         self.world = dist.get_world_size(group)
         self.inflight: list = []  # sends and broadcasts to finish before the request ends
-        self._positions: dict = {}  # (rank, device) -> flat latent positions of its owned view pixels
+        self.view_size = plan.view.numel()
+        # per tile rank: (its owned view pixels' latent positions, their places in the view)
+        self.owned = [(plan.view[plan.view_owned(r)].to(device), _positions(plan.view_owned(r), device))
+                      for r in range(plan.tile_ranks)]
+        self.mine = self.owned[plan.index][0]
 
-    def _owned_positions(self, plan: TilePlan, rank: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(latent positions, places in the view) of the view pixels tile rank `rank` owns, on
-        `device`, computed once (indexing with CPU tensors would copy them every step)."""
-        key = (rank, device)
-        if key not in self._positions:
-            owned = plan.view_owned(rank)
-            self._positions[key] = (plan.view[owned].to(device), owned.nonzero().squeeze(1).to(device))
-        return self._positions[key]
-
-    def send_view(self, sample: torch.Tensor, plan: TilePlan) -> None:
+    def send_view(self, sample: torch.Tensor) -> None:
         """Tile rank: start sending its own view pixels of `sample` to the branch rank."""
-        positions, _ = self._owned_positions(plan, plan.index, sample.device)
+        positions = self.mine
         if positions.numel() == 0:
             return
         values = sample.flatten(-2)[..., positions].contiguous()
         self.stats.record_op(nbytes(values), 0, kind="view")
         self.inflight.append((values, dist.isend(values, self.branch, self.group, VIEW_TAG)))
 
-    def gather_view(self, sample: torch.Tensor, plan: TilePlan, native: tuple[int, int]) -> torch.Tensor:
+    def gather_view(self, sample: torch.Tensor, native: tuple[int, int]) -> torch.Tensor:
         """Branch rank: receive every tile rank's view pixels; (B, C, h, w)."""
-        view = sample.new_zeros(*sample.shape[:-2], plan.view.numel())
+        view = sample.new_zeros(*sample.shape[:-2], self.view_size)
         pending = []
-        for r in range(plan.tile_ranks):
-            _, owned = self._owned_positions(plan, r, sample.device)
+        for r, (_, owned) in enumerate(self.owned):
             if owned.numel() == 0:
                 continue
             buf = sample.new_empty(*sample.shape[:-2], owned.numel())

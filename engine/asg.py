@@ -26,10 +26,10 @@ native-size tiles with overlap (`parallel.asg_tiles.TileGrid`); every denoiser c
 `w(t)` (`guidance_weight`): `strength * (1 + cos(pi * k / K)) / 2` at step k < K =
 steps - detail_steps, strong at high noise, falling to zero; zero in the last
 `detail_steps` steps, where tiles refine detail on their own. The schedule counts denoiser
-calls (`denoiser_calls`): a second-order scheduler such as Heun calls the denoiser about
-twice per step, and the schedule and the detail steps are stretched over those calls. With CFG the same `w * M`
-applies to both halves, so by linearity the guided prediction is guided by the branch's
-guided prediction.
+calls (`GuidanceSchedule`): a second-order scheduler such as Heun calls the denoiser
+twice per step but the last, the cosine runs over the calls, and the detail steps stay
+whole steps. With CFG the same `w * M` applies to both halves, so by linearity the guided
+prediction is guided by the branch's guided prediction.
 
 This module is the single-process reference of the algorithm (one rank computes all tiles
 and the branch). It wraps the denoiser's forward for one request, so the unmodified
@@ -392,8 +392,9 @@ class ParallelStructureGuidedTiles(StructureGuidedTiles):
         tile_ranks = world - 1
         self.plan = TilePlan.build(self.grid, tile_ranks, min(rank, tile_ranks - 1))
         self.my_tiles = [] if self.is_branch else self.grid.assign(tile_ranks)[rank]
-        self.strips = None if self.is_branch else StripExchange(self.plan, stats, strips_group)
-        self.channel = BranchChannel(world - 1, stats, branch_group)
+        device = self.denoiser.device
+        self.strips = None if self.is_branch else StripExchange(self.plan, stats, strips_group, device)
+        self.channel = BranchChannel(self.plan, stats, branch_group, device)
         self.staleness = staleness
         self.posted: dict = {}  # step -> broadcast in flight
         self.ready: dict = {}  # step -> (G, M) received
@@ -430,7 +431,7 @@ class ParallelStructureGuidedTiles(StructureGuidedTiles):
         own latent is never read, so its prediction is zeros."""
         if self._computed(k):
             native = (self.grid.tile_h, self.grid.tile_w)
-            view = self.channel.gather_view(sample, self.plan, native)
+            view = self.channel.gather_view(sample, native)
             guide, mask = self._branch_on(view, args, kwargs)
             packed = torch.cat([guide.flatten(), mask.flatten()]).to(sample.dtype)  # what tile ranks allocate
             self.channel.post(0, sample.dtype, sample.device, packed)
@@ -441,7 +442,7 @@ class ParallelStructureGuidedTiles(StructureGuidedTiles):
         w = self.schedule.weight(k)
         shapes = self._shapes(sample)
         if self._computed(k):  # view out and guidance posted before the tiles: both travel meanwhile
-            self.channel.send_view(sample, self.plan)
+            self.channel.send_view(sample)
             self.posted[k] = self.channel.post(sum(math.prod(s) for s in shapes), sample.dtype, sample.device)
         if self.weights is None:
             self.weights = self.grid.weights(sample.device, sample.dtype)
