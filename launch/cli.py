@@ -18,6 +18,21 @@ import sys
 DEFAULT_MODEL = "shapes-sd"  # the trained preset shipped in engine/weights/
 
 
+def add_launcher_arguments(parser) -> None:
+    """--launcher and --address, the same for `generate` and `stream`."""
+    parser.add_argument("--launcher", choices=("local", "ray"), default="local",
+                        help="local: spawned processes on this machine; ray: Ray actors (one node or a cluster)")
+    parser.add_argument("--address", default=None,
+                        help="--launcher ray: a running cluster (e.g. HEAD_IP:6379); default RAY_ADDRESS, else a private one")
+
+
+def check_launcher_arguments(args) -> None:
+    from parallel.config import ConfigError
+
+    if args.address is not None and args.launcher != "ray":
+        raise ConfigError("--address names a Ray cluster; add --launcher ray")
+
+
 def _parser() -> argparse.ArgumentParser:
     from parallel.config import GN_MODES, STRATEGIES, ParallelConfig
 
@@ -55,10 +70,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="CFG halves on two rank groups (default: on when guided and the world is even)")
     cfg.add_argument("--no-cfg-split", dest="cfg_split", action="store_false")
     gen.add_argument("--nproc", type=int, default=None, help="start N ranks (not under torchrun)")
-    gen.add_argument("--launcher", choices=("local", "ray"), default="local",
-                     help="local: spawned processes on this machine; ray: Ray actors (one node or a cluster)")
-    gen.add_argument("--address", default=None,
-                     help="--launcher ray: a running cluster (e.g. HEAD_IP:6379); default RAY_ADDRESS, else a private one")
+    add_launcher_arguments(gen)
     gen.add_argument("--device", default=None, help="cpu or cuda (default: the rank's local GPU if any)")
     gen.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None)
     gen.add_argument("--timeout", type=float, default=120.0, help="seconds any collective may take")
@@ -128,8 +140,7 @@ def generate(args) -> int:
     info = describe_model(args.model)
     if info is not None:
         build_request(info, parallel, args.prompt, **request)  # bad input fails before any rank starts
-    if args.address is not None and args.launcher != "ray":
-        raise ConfigError("--address names a Ray cluster; add --launcher ray")
+    check_launcher_arguments(args)
     with Engine.from_pretrained(args.model, parallel=parallel, device=args.device, dtype=dtype,
                                 launcher=args.launcher, address=args.address) as engine:
         result = engine.generate(args.prompt, progress=not args.no_progress, **request)

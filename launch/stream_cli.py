@@ -16,6 +16,8 @@ import sys
 
 import numpy as np
 
+from launch.cli import add_launcher_arguments, check_launcher_arguments
+
 DEFAULT_VIDEO_MODEL = "tiny-causal-video"
 
 
@@ -31,10 +33,7 @@ def add_parser(sub) -> None:
     st.add_argument("--kv-window", type=int, default=None, help="chunks kept in each cache besides the sink")
     st.add_argument("--seed", type=int, default=0)
     st.add_argument("--nproc", type=int, default=None, help="ranks (tpp when > 1; default: torchrun's world or 1)")
-    st.add_argument("--launcher", choices=("local", "ray"), default="local",
-                    help="local: spawned processes on this machine; ray: Ray actors (one node or a cluster)")
-    st.add_argument("--address", default=None,
-                    help="--launcher ray: a running cluster (e.g. HEAD_IP:6379); default RAY_ADDRESS, else a private one")
+    add_launcher_arguments(st)
     st.add_argument("--device", default=None)
     st.add_argument("--fps", type=float, default=8.0, help="playback rate written into the video file")
     st.add_argument("--out", default="outputs/stream.gif", help=".gif, .mp4 or a folder for PNG frames")
@@ -105,8 +104,7 @@ def stream_command(args) -> int:
         raise ConfigError("--compare-serial needs a finite stream (--chunks N), not --endless")
     if args.compare_serial and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("--compare-serial runs the one-rank stream in this process; use --nproc, not torchrun")
-    if args.address is not None and args.launcher != "ray":
-        raise ConfigError("--address names a Ray cluster; add --launcher ray")
+    check_launcher_arguments(args)
     chunks = None if args.endless else args.chunks
     launched = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun every rank runs this command
     world = args.nproc or (launched if launched > 1 else None)
