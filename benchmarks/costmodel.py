@@ -187,6 +187,8 @@ def census_of(model, spec: ModelSpec, h: int, w: int, args: tuple, kwargs: dict)
 
     def on_conv(module, args):
         k, s = module.kernel_size[0], module.stride[0]
+        if any(args[0] is t for t in inputs):
+            return  # reads the model's input, which every rank holds whole: halo sliced, not sent
         if k > 1 and k != s:  # patch embeddings (kernel == stride) need no halo
             b, c, rows, cols = args[0].shape
             out.convs.append((b, c, rows, cols, k // 2))
@@ -203,6 +205,7 @@ def census_of(model, spec: ModelSpec, h: int, w: int, args: tuple, kwargs: dict)
             hooks.append(module.register_forward_pre_hook(on_norm))
     device = next(model.parameters()).device
     args = tuple(a.to(device) for a in args)
+    inputs = args
     kwargs = {k: (v.to(device) if isinstance(v, torch.Tensor) else
                   {kk: (vv.to(device) if isinstance(vv, torch.Tensor) else vv) for kk, vv in v.items()}
                   if isinstance(v, dict) else v) for k, v in kwargs.items()}

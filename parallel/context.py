@@ -38,6 +38,7 @@ class PatchContext:
         self._exchanges: dict = {}
         self.full_shape = None  # the UNet input's full (batch, channels, rows, cols) this step
         self.text_tokens = 0  # text tokens in front of the image tokens (Flux single-stream blocks)
+        self._whole: tuple[torch.Tensor, torch.Tensor] | None = None  # (band, full) of the denoiser input
         self._weights: dict = {}
         self.world_exchange = (
             StaleExchange(topo.world, range(topo.world_size), topo.rank, stats) if topo.distributed else None
@@ -71,6 +72,7 @@ class PatchContext:
         self.stats.step = self.step
 
     def end_step(self) -> None:
+        self._whole = None
         if self.layout.patch_exchange is not None:
             self.layout.patch_exchange.flush()
 
@@ -93,6 +95,15 @@ class PatchContext:
     @property
     def gn_sync(self) -> bool:
         return self.sync or self.layout.config.gn_mode == "sync"
+
+    def hold_whole(self, band: torch.Tensor, full: torch.Tensor) -> None:
+        """This step's denoiser input `band` is the row band of `full`, which this rank holds
+        whole: layers reading `band` can take neighbour rows from `full` fresh, for free."""
+        self._whole = (band, full)
+
+    def whole_of(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The full tensor `x` is this rank's band of, when this rank holds it whole."""
+        return self._whole[1] if self._whole is not None and x is self._whole[0] else None
 
     def band_weights(self, device) -> torch.Tensor:
         """Each band's share of the pixels, as a float32 tensor on `device` (cached)."""

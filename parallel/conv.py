@@ -4,7 +4,9 @@ Output row o of a conv reads input rows o*stride - pad .. o*stride - pad + k - 1
 band whose boundaries are aligned to the stride, that is `pad` rows above the band and
 `k - pad - stride` rows below it (1 and 1 for a 3x3 stride-1 conv, 1 and 0 for stride
 2). The first and last bands get zeros exactly where the serial conv pads with zeros.
-In stale steps the halo rows are the neighbours' rows of the previous step.
+In stale steps the halo rows are the neighbours' rows of the previous step, except where
+this rank holds the whole input anyway (the denoiser's first conv reads the latent, which
+every rank has whole): there the halo is sliced from it, fresh and without sending anything.
 """
 
 from __future__ import annotations
@@ -29,16 +31,22 @@ class HaloConv2d(SwappedLayer, nn.Conv2d):
         first, last = index == 0, index == ctx.members - 1
         b, c, _, w = x.shape
 
-        from_prev, from_next = ctx.exchange.neighbours(
-            self._tessera_name,
-            x,
-            to_prev=None if first or below == 0 else x[:, :, :below],
-            to_next=None if last or above == 0 else x[:, :, x.shape[-2] - above :],
-            from_prev_shape=None if first else torch.Size((b, c, above, w)),
-            from_next_shape=None if last else torch.Size((b, c, below, w)),
-            sync=ctx.sync,
-            kind="halo",
-        )
+        whole = ctx.whole_of(x)
+        if whole is not None:  # fresh rows from the full input: no exchange
+            start, end = plan.starts[index] // scale, plan.ends[index] // scale
+            from_prev = None if first else whole[:, :, start - above : start]
+            from_next = None if last else whole[:, :, end : end + below]
+        else:
+            from_prev, from_next = ctx.exchange.neighbours(
+                self._tessera_name,
+                x,
+                to_prev=None if first or below == 0 else x[:, :, :below],
+                to_next=None if last or above == 0 else x[:, :, x.shape[-2] - above :],
+                from_prev_shape=None if first else torch.Size((b, c, above, w)),
+                from_next_shape=None if last else torch.Size((b, c, below, w)),
+                sync=ctx.sync,
+                kind="halo",
+            )
         if first:
             from_prev = x.new_zeros(b, c, above, w)
         if last:

@@ -77,7 +77,9 @@ def _make_pre_hook(ctx: PatchContext, signature):
         take_cfg_half(arguments, ctx.layout, sample.shape[0], _BATCHED + ("timestep",), nested=("added_cond_kwargs",))
         if ctx.splits_rows:
             plan = ctx.plan
-            arguments["sample"] = arguments["sample"][:, :, plan.starts[ctx.index] : plan.ends[ctx.index]]
+            full = arguments["sample"]
+            arguments["sample"] = full[:, :, plan.starts[ctx.index] : plan.ends[ctx.index]]
+            ctx.hold_whole(arguments["sample"], full)  # conv_in's halo comes fresh from it
         return (), arguments
 
     return pre_hook

@@ -7,7 +7,7 @@ from engine import ParallelConfig
 from parallel.attention import PatchSelfAttnProcessor
 from parallel.bands import BandPlan
 from parallel.conv import HaloConv2d
-from parallel.groupnorm import PatchGroupNorm
+from parallel.groupnorm import PatchGroupNorm, corrected, pooled
 
 STEPS = 20
 SIZE = 128
@@ -35,6 +35,48 @@ def test_patch_is_close_to_serial_but_not_identical(pool, model, world):
     assert default["latent_rel_l2"] > MIN_STALE_LATENT_REL_L2, "stale mode produced the exact result"
     # More stale steps must cost fidelity: proof that the stale path is what changes the output.
     assert results[1]["psnr_db"] < default["psnr_db"]
+
+
+# Issue 21, measured side by side with distrifuser 0.0.1b1 on the same tiny-sdxl directory
+# (512x512, 20 DDIM steps, seed 0, guidance 5, 2 ranks, no CFG split, warm-up matched):
+# distrifuser's stale mode is 1.0e-3 (latent rel L2) from serial. Tessera: 7.2e-3 with the
+# old w_i-weighted GroupNorm rule and a stale conv_in halo, 1.07e-3 now.
+DISTRIFUSION_LATENT_REL_L2 = 1.5e-3
+
+
+def test_patch_is_as_faithful_as_distrifusion_on_tiny_sdxl(pool):
+    engine = pool.parallel_engine("tiny-sdxl", 2)
+    r = engine.generate(
+        "a red circle", height=512, width=512, num_inference_steps=20, seed=0, guidance_scale=5.0,
+        compare_serial=True, progress=False, parallel=ParallelConfig(strategy="patch", cfg_split=False, warmup_steps=5),
+    )
+    vs = r.report["vs_serial"]
+    assert MIN_STALE_LATENT_REL_L2 / 10 < vs["latent_rel_l2"] <= DISTRIFUSION_LATENT_REL_L2, vs
+
+
+def test_corrected_groupnorm_is_exact_when_every_band_changes_like_this_one():
+    """The rule assumes every band's E[x] and E[x^2] moved like this band's; when that holds
+    it must give the fresh global statistics exactly (the old w_i-weighted rule did not)."""
+    gen = torch.Generator().manual_seed(0)
+    weights = torch.tensor([0.3, 0.5, 0.2], dtype=torch.float64)  # uneven bands
+    s_mean = torch.randn(3, 2, 4, generator=gen, dtype=torch.float64)  # (bands, batch, groups)
+    s_var = torch.rand(3, 2, 4, generator=gen, dtype=torch.float64) + 0.1
+    d_mean, d_e2 = 0.4, 1.5  # the same change of E[x] and E[x^2] in every band
+    f_mean = s_mean + d_mean
+    f_var = (s_var + s_mean**2 + d_e2) - f_mean**2
+    exact_mean, exact_var = pooled(weights, f_mean, f_var)
+    stale_mean, stale_var = pooled(weights, s_mean, s_var)
+    for i in range(3):
+        mean, var = corrected(stale_mean, stale_var, f_mean[i], f_var[i], s_mean[i], s_var[i])
+        torch.testing.assert_close(mean, exact_mean)
+        torch.testing.assert_close(var, exact_var)
+
+
+def test_corrected_groupnorm_falls_back_to_the_fresh_band_variance_when_negative():
+    zero = torch.zeros(1, 2)
+    mean, var = corrected(zero, torch.full((1, 2), 0.01), zero, torch.tensor([[0.5, 0.0]]),
+                          zero, torch.tensor([[0.2, 0.5]]))
+    torch.testing.assert_close(var, torch.tensor([[0.31, 0.0]]))  # 0.01 + 0.3; 0.01 - 0.5 < 0 -> fresh 0.0
 
 
 def test_stale_exchange_is_posted_in_step_t_and_waited_in_step_t_plus_1(pool):
@@ -96,6 +138,8 @@ def analytic_bytes_per_step(pipe, height, width, world, rank):
     n, last = world, world - 1
     sent = received = 0
     for module, shape in _layer_shapes(pipe, height, width):
+        if module is pipe.unet.conv_in:
+            continue  # reads the latent, which every rank holds whole: its halo is sliced, not sent
         if isinstance(module, HaloConv2d):
             b, c, h, w = shape
             k, s, p = module.kernel_size[0], module.stride[0], module.padding[0]
