@@ -73,6 +73,9 @@ class StaleExchange:
         self._slots = {}
         self._bucket = []
 
+    def end_request(self) -> None:
+        """Called once every operation of a request has completed (hook for subclasses)."""
+
     def has_stale(self, name: str) -> bool:
         slot = self._slots.get(name)
         return slot is not None and slot.has_view
@@ -157,7 +160,7 @@ class StaleExchange:
             send[offset : offset + flat.numel()] = flat
             offset += w
         recv = torch.empty(self.size * total, dtype=ref.dtype, device=ref.device)
-        work = _all_gather_single(recv, send, group=self.group, async_op=True)
+        work = self._wire_all_gather(recv, send)
         elem = ref.element_size()
         self.stats.record_op(0, 0)  # one operation; its bytes are counted per kind below
         for shapes, kind in zip(shapes_list, kinds):
@@ -190,6 +193,17 @@ class StaleExchange:
                 slot.pending = pending
                 self.stats.event("post", slot.name, pending.posted_step)
 
+    # -- the wire: the only two calls into torch.distributed ------------------------
+    def _wire_all_gather(self, recv: torch.Tensor, send: torch.Tensor):
+        """Start an all-gather of `send` (equal sizes) into `recv`; returns its work handle."""
+        return _all_gather_single(recv, send, group=self.group, async_op=True)
+
+    def _wire_p2p(self, ops: list) -> list:
+        """Start a batch of point-to-point ops, each ("send" | "recv", tensor, peer, tag)."""
+        p2p = [dist.P2POp(dist.isend if op == "send" else dist.irecv, t, peer, self.group, tag)
+               for op, t, peer, tag in ops]
+        return dist.batch_isend_irecv(p2p)
+
     # -- neighbours ----------------------------------------------------------------
     def neighbours(
         self,
@@ -219,23 +233,23 @@ class StaleExchange:
                 peer = self.ranks[self.index - 1]
                 if from_prev_shape is not None and from_prev_shape.numel() > 0:
                     recv_prev = torch.empty(from_prev_shape, dtype=ref.dtype, device=ref.device)
-                    ops.append(dist.P2POp(dist.irecv, recv_prev, peer, self.group, slot.tag))
+                    ops.append(("recv", recv_prev, peer, slot.tag))
                     received += nbytes(recv_prev)
                 if to_prev is not None and to_prev.numel() > 0:
                     send_prev = to_prev.detach().contiguous()
-                    ops.append(dist.P2POp(dist.isend, send_prev, peer, self.group, slot.tag))
+                    ops.append(("send", send_prev, peer, slot.tag))
                     sent += nbytes(send_prev)
             if self.index < self.size - 1:
                 peer = self.ranks[self.index + 1]
                 if to_next is not None and to_next.numel() > 0:
                     send_next = to_next.detach().contiguous()
-                    ops.append(dist.P2POp(dist.isend, send_next, peer, self.group, slot.tag))
+                    ops.append(("send", send_next, peer, slot.tag))
                     sent += nbytes(send_next)
                 if from_next_shape is not None and from_next_shape.numel() > 0:
                     recv_next = torch.empty(from_next_shape, dtype=ref.dtype, device=ref.device)
-                    ops.append(dist.P2POp(dist.irecv, recv_next, peer, self.group, slot.tag))
+                    ops.append(("recv", recv_next, peer, slot.tag))
                     received += nbytes(recv_next)
-            works = dist.batch_isend_irecv(ops) if ops else []
+            works = self._wire_p2p(ops) if ops else []
             if ops:
                 self.stats.record_op(sent, received, ops=len(ops), kind=slot.kind)
             return _Pending(works, lambda: (recv_prev, recv_next), self.stats.step, (send_prev, send_next))

@@ -103,7 +103,7 @@ class RankRuntime:
         self.decode_ctx = None
         if not self.topo.distributed:
             return
-        ctx = PatchContext(self.topo, self.decode_stats)
+        ctx = PatchContext(self.topo, self.decode_stats, role="decode")
         try:
             parallelize_vae(self.pipe.vae, ctx)
         except NotImplementedError:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from comms import CommStats, StaleExchange, Topology
+from comms.isolated import exchange_factory
 from parallel.bands import BandPlan
 from parallel.config import ParallelConfig
 
@@ -29,7 +30,12 @@ class RequestLayout:
 
 
 class PatchContext:
-    def __init__(self, topo: Topology, stats: CommStats):
+    def __init__(self, topo: Topology, stats: CommStats, make_exchange=None, role: str = "denoise"):
+        # make_exchange(group, ranks, rank, stats, label): real exchanges by default; an
+        # isolated rank passes comms.isolated's (the layers cannot tell the difference).
+        # Labels name an exchange across runs: "<role>.world", "<role>.patch-0-1".
+        self._make_exchange = make_exchange or exchange_factory()
+        self.role = role
         self.topo = topo
         self.stats = stats
         self.enabled = False  # False: every swapped layer behaves exactly like the original
@@ -40,8 +46,16 @@ class PatchContext:
         self.text_tokens = 0  # text tokens in front of the image tokens (Flux single-stream blocks)
         self._whole: tuple[torch.Tensor, torch.Tensor] | None = None  # (band, full) of the denoiser input
         self._weights: dict = {}
+        self.rebind(topo)
+
+    def rebind(self, topo: Topology) -> None:
+        """Serve another rank position from now on (isolated measurements move one model
+        through every rank of every world size): the exchanges of the old one are dropped."""
+        self.topo = topo
+        self._exchanges = {}
         self.world_exchange = (
-            StaleExchange(topo.world, range(topo.world_size), topo.rank, stats) if topo.distributed else None
+            self._make_exchange(topo.world, range(topo.world_size), topo.rank, self.stats, f"{self.role}.world")
+            if topo.distributed else None
         )
 
     # -- per request -------------------------------------------------------------
@@ -52,7 +66,8 @@ class PatchContext:
         if len(ranks) > 1:
             key = tuple(ranks)
             if key not in self._exchanges:
-                self._exchanges[key] = StaleExchange(group, ranks, self.topo.rank, self.stats)
+                label = f"{self.role}.patch-" + "-".join(map(str, ranks))
+                self._exchanges[key] = self._make_exchange(group, ranks, self.topo.rank, self.stats, label)
             exchange = self._exchanges[key]
             exchange.reset()
         group_index = self.topo.rank // len(ranks) if cfg_split else 0
@@ -64,6 +79,9 @@ class PatchContext:
     def end_request(self) -> None:
         if self.layout is not None and self.layout.patch_exchange is not None:
             self.layout.patch_exchange.reset()  # wait for what is still in flight
+            self.layout.patch_exchange.end_request()
+        if self.world_exchange is not None:
+            self.world_exchange.end_request()
         self.enabled = False
 
     # -- per step ----------------------------------------------------------------

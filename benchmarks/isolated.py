@@ -1,0 +1,341 @@
+"""Isolated ranks: what one device per rank would do, measured on one machine.
+
+    tessera bench --isolated --models sdxl-layout,flux-layout --strategies patch,pcpp,patch-sync \\
+        --worlds 2,4,8 --sizes 512 --steps 6 --warmup 2 --out outputs/isolated.json
+
+A parallel run here shares a few cores among all its ranks, so its wall clock shows
+overheads, not what N devices would do. Here rank r of an N-rank request runs alone in
+this process with every thread: the same parallel layers, hooks, bands, slots, buffers
+and accounting as a real rank, with each exchange served locally (`comms.isolated`; the
+layers cannot tell). The serial denoiser is measured first, in the same run, with the
+same threads, on the model before the parallel layers are installed.
+
+Each point calls the denoiser `--steps` times on the arguments of a real pipeline call at
+that size (captured once; timing does not depend on the values), after one unrecorded
+run. Per step it records:
+- wall time (on CUDA: synchronised after the step), and the time of the step's work:
+  the top-level ATen operators under torch.profiler on CPU (a separate profiled run),
+  the GPU time between CUDA events on CUDA;
+- host time: on CPU wall minus ATen time (Python, hooks, dispatch, bookkeeping: what a
+  captured step would not pay); on CUDA the time the host takes to issue the step;
+- the communication operations and bytes the real rank would issue (its CommStats).
+Steady steps are the stale ones (patch, pcpp) or every step after the first (patch-sync).
+
+Models: any engine model or preset (the denoiser's arguments come from one pipeline
+call), or a published architecture from `benchmarks/model_configs` with random weights
+(`sdxl`, `pixart-sigma`, `sd3-medium`, `flux1-dev`; for GPUs: they are large).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+
+from benchmarks.output import write_results
+
+STEP_MARK = "tessera.isolated.step"
+HEADER = (
+    "| model | size | strategy | ranks | slowest rank step (ms) | serial step (ms) | compute speed-up, 1 device/rank "
+    "| host ms/step (slowest rank) | serial host ms/step | host vs serial | ops/step | MB sent/step |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+@dataclass
+class Subject:
+    """A denoiser ready to measure: its call arguments at one size and its band geometry."""
+
+    name: str
+    holder: object  # has .unet or .transformer: what parallel.registry.backbone_of takes
+    denoiser: torch.nn.Module
+    call: tuple  # (args, kwargs) of one denoiser call
+    latent: tuple  # (rows, cols) of the latent
+    device: torch.device
+
+
+def _to(value, device, dtype):
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
+    if isinstance(value, dict):
+        return {k: _to(v, device, dtype) for k, v in value.items()}
+    return value
+
+
+def capture_call(pipe, height: int, width: int, guidance: float = 5.0) -> tuple:
+    """The denoiser's (args, kwargs) in the first step of a real pipeline call at this size."""
+    from engine.models import denoiser_of, pipeline_call_kwargs
+
+    captured = []
+    handle = denoiser_of(pipe).register_forward_pre_hook(
+        lambda module, args, kwargs: captured.append((args, dict(kwargs))) if not captured else None,
+        with_kwargs=True, prepend=True)
+    try:
+        pipe(prompt="a red circle and a blue square", height=height, width=width, num_inference_steps=1,
+             guidance_scale=guidance, generator=torch.Generator().manual_seed(0), output_type="latent",
+             **pipeline_call_kwargs(pipe))
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+def load_subject(name: str, size: int, device: torch.device, dtype: torch.dtype | None = None) -> Subject:
+    """An engine model/preset (arguments from a real pipeline call) or a published
+    architecture from benchmarks/model_configs with random weights."""
+    from benchmarks import costmodel
+    from engine.models import default_dtype, denoiser_of, info_from_pipeline, load_pipeline
+
+    dtype = dtype or default_dtype(device)
+    if name in costmodel.MODELS:
+        spec = costmodel.MODELS[name]
+        meta = costmodel._load_model(spec)
+        with torch.device(device):
+            model = type(meta)(**meta.config).to(dtype).eval()
+        h = w = size // spec.vae_factor
+        args, kwargs = costmodel._inputs(spec, model, h, w)
+        call = (tuple(_to(a, device, dtype) for a in args), _to(kwargs, device, dtype))
+        holder = SimpleNamespace(unet=model) if spec.unet else SimpleNamespace(transformer=model)
+        return Subject(name, holder, model, call, (h, w), device)
+    pipe = load_pipeline(name, device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    vae = info_from_pipeline(name, pipe).vae_scale_factor
+    with torch.no_grad():
+        call = capture_call(pipe, size, size)
+    return Subject(name, pipe, denoiser_of(pipe), call, (size // vae, size // vae), device)
+
+
+def _top_level_aten_s(prof) -> list[float]:
+    """Per step mark, the seconds spent inside outermost ATen operators."""
+    events = prof.events()
+
+    def outermost(e):
+        parent = e.cpu_parent
+        while parent is not None:
+            if parent.name.startswith("aten::"):
+                return False
+            parent = parent.cpu_parent
+        return True
+
+    marks = sorted((e for e in events if e.name == STEP_MARK), key=lambda e: e.time_range.start)
+    ops = [e for e in events if e.name.startswith("aten::") and outermost(e)]
+    return [sum(o.time_range.elapsed_us() for o in ops
+                if m.time_range.start <= o.time_range.start and o.time_range.end <= m.time_range.end) / 1e6
+            for m in marks]
+
+
+def _run_steps(subject: Subject, steps: int, request, profile: bool = False) -> list[dict]:
+    """One request of `steps` denoiser calls (`request` frames it: a context manager);
+    per step: wall_s, issue_s (host time to issue it) and, on CUDA, gpu_s."""
+    args, kwargs = subject.call
+    cuda = subject.device.type == "cuda"
+    out = []
+    with request():
+        for _ in range(steps):
+            start_event = end_event = None
+            if cuda:
+                start_event, end_event = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start_event.record()
+            t0 = time.perf_counter()
+            if profile:
+                with torch.profiler.record_function(STEP_MARK):
+                    subject.denoiser(*args, **kwargs)
+            else:
+                subject.denoiser(*args, **kwargs)
+            t1 = time.perf_counter()
+            if cuda:
+                end_event.record()
+                torch.cuda.synchronize(subject.device)  # the benchmark's own sync, never the engine's
+            out.append({"wall_s": time.perf_counter() - t0, "issue_s": t1 - t0, "events": (start_event, end_event)})
+    for step in out:
+        start, end = step.pop("events")
+        if cuda:
+            step["gpu_s"] = start.elapsed_time(end) / 1000.0
+    return out
+
+
+@torch.no_grad()
+def measure(subject: Subject, steps: int, steady_from: int, request=contextlib.nullcontext) -> dict:
+    """One unrecorded request, one timed request and (CPU) one profiled request."""
+    _run_steps(subject, steps, request)
+    timed = _run_steps(subject, steps, request)
+    if subject.device.type == "cuda":
+        work = [s["gpu_s"] for s in timed]
+        host = [s["issue_s"] for s in timed]
+    else:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            _run_steps(subject, steps, request, profile=True)
+        work = _top_level_aten_s(prof)
+        host = [max(0.0, s["wall_s"] - a) for s, a in zip(timed, work)]
+    steady = slice(steady_from, steps)
+    return {
+        "step_s": statistics.median(s["wall_s"] for s in timed[steady]),
+        "work_s": statistics.median(work[steady]),
+        "host_s": statistics.median(host[steady]),
+        "per_step_wall_s": [s["wall_s"] for s in timed],
+    }
+
+
+class IsolatedRanks:
+    """One model with the parallel layers installed once, moved through rank positions."""
+
+    def __init__(self, subject: Subject, replay_dir: str | None = None):
+        from comms import CommStats, Topology
+        from comms.isolated import exchange_factory
+        from parallel.context import PatchContext
+        from parallel.registry import backbone_of
+
+        self.subject = subject
+        self.stats = CommStats()
+        backbone = backbone_of(subject.holder)
+        self.align = backbone.align
+        self.ctx = PatchContext(Topology(0, 1, 0, subject.device), self.stats,
+                                make_exchange=exchange_factory(replay_dir, isolated=True))
+        backbone.install(subject.holder, self.ctx)
+
+    def place(self, world: int, rank: int) -> None:
+        """Act as rank `rank` of `world` from now on."""
+        from comms import Topology
+
+        self.ctx.rebind(Topology(rank, world, 0, self.subject.device, world=None,
+                                 cfg_groups=[None, None] if world % 2 == 0 else []))
+
+    @contextlib.contextmanager
+    def request(self, config, cfg_split: bool = False):
+        """Frame denoiser calls as one request of `config` (as the engine's runtime does)."""
+        self.stats.reset()
+        self.ctx.begin_request(config, *self.subject.latent, self.align, cfg_split)
+        try:
+            yield
+        finally:
+            self.ctx.end_request()
+
+    def measure(self, config, world: int, rank: int, steps: int, cfg_split: bool = False) -> dict:
+        self.place(world, rank)
+        steady_from = 1 if config.strategy == "patch-sync" else config.warmup_steps
+        if steady_from >= steps:
+            raise ValueError(f"{steps} steps leave no steady step after {steady_from}")
+        out = measure(self.subject, steps, steady_from, lambda: self.request(config, cfg_split))
+        per_step = self.stats.per_step()
+        last = per_step[-1]  # the profiled request's last step: a steady one
+        out.update(ops_per_step=last["collectives"], bytes_sent_per_step=last["bytes_sent"],
+                   bytes_received_per_step=last["bytes_received"], comm_per_step=per_step)
+        return out
+
+
+def rank_positions(world: int, which: str) -> list[int]:
+    """The ranks measured: all, or the first, a middle one and the last (edge bands have
+    one neighbour, middle ones two; uneven splits give the first bands more rows)."""
+    if which == "all":
+        return list(range(world))
+    return sorted({0, world // 2, world - 1})
+
+
+def sweep(models, sizes, strategies, worlds, steps, warmup, ranks="edges", device=None, dtype=None,
+          portion=0.3, log=print) -> list[dict]:
+    """Serial and isolated ranks for every point; one record per (serial | rank) measurement."""
+    from comms.groups import local_device
+    from parallel.config import ParallelConfig
+
+    device = torch.device(device) if device is not None else local_device(0)
+    threads = torch.get_num_threads()
+    records = []
+    for model in models:
+        for size in sizes:
+            subject = load_subject(model, size, device, dtype)
+            base = {"model": model, "size": size, "steps": steps, "threads": threads, "device": str(device),
+                    "dtype": str(subject.denoiser.dtype).replace("torch.", "")}
+            serial = measure(subject, steps, steady_from=1)
+            records.append(dict(base, strategy="serial", world_size=1, rank=0, **serial))
+            log(f"{model} {size}: serial step {serial['step_s'] * 1e3:.1f} ms, host {serial['host_s'] * 1e3:.1f} ms")
+            isolated = IsolatedRanks(subject)
+            for strategy in strategies:
+                config = ParallelConfig(strategy=strategy, warmup_steps=warmup, pcpp_portion=portion, cfg_split=False)
+                for world in worlds:
+                    for rank in rank_positions(world, ranks):
+                        point = isolated.measure(config, world, rank, steps)
+                        records.append(dict(base, strategy=strategy, world_size=world, rank=rank, warmup_steps=warmup,
+                                            **point))
+                        log(f"{model} {size} {strategy} rank {rank}/{world}: step {point['step_s'] * 1e3:.1f} ms, "
+                            f"host {point['host_s'] * 1e3:.1f} ms, {point['ops_per_step']} ops")
+            del isolated, subject
+    return records
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """Per (model, size, strategy, world): the slowest measured rank against serial."""
+    serial = {(r["model"], r["size"]): r for r in records if r["strategy"] == "serial"}
+    groups: dict = {}
+    for r in records:
+        if r["strategy"] != "serial":
+            groups.setdefault((r["model"], r["size"], r["strategy"], r["world_size"]), []).append(r)
+    rows = []
+    for (model, size, strategy, world), ranks in groups.items():
+        slowest = max(ranks, key=lambda r: r["step_s"])
+        ref = serial[(model, size)]
+        host = max(r["host_s"] for r in ranks)
+        rows.append({
+            "model": model, "size": size, "strategy": strategy, "world_size": world,
+            "slowest_rank": slowest["rank"], "slowest_step_s": slowest["step_s"], "serial_step_s": ref["step_s"],
+            "compute_speedup": ref["step_s"] / slowest["step_s"],
+            "host_s": host, "serial_host_s": ref["host_s"], "host_vs_serial": host / ref["host_s"] if ref["host_s"] else None,
+            "ops_per_step": max(r["ops_per_step"] for r in ranks),
+            "bytes_sent_per_step": max(r["bytes_sent_per_step"] for r in ranks),
+        })
+    return rows
+
+
+def table(summary: list[dict], records: list[dict]) -> str:
+    lines = [HEADER]
+    for s in summary:
+        ratio = "-" if s["host_vs_serial"] is None else f"{s['host_vs_serial']:.2f}x"
+        lines.append(
+            f"| {s['model']} | {s['size']} | {s['strategy']} | {s['world_size']} | {s['slowest_step_s'] * 1e3:.1f} "
+            f"| {s['serial_step_s'] * 1e3:.1f} | {s['compute_speedup']:.2f}x | {s['host_s'] * 1e3:.1f} "
+            f"| {s['serial_host_s'] * 1e3:.1f} | {ratio} | {s['ops_per_step']} | {s['bytes_sent_per_step'] / 1e6:.2f} |")
+    if records:
+        r = records[0]
+        lines.append(f"\nIsolated ranks: one rank alone with {r['threads']} threads on {r['device']} ({r['dtype']}), "
+                     f"{r['steps']} denoiser calls per request; steady steps only. Host = "
+                     + ("wall - top-level ATen time (torch.profiler)." if r["device"] == "cpu" else
+                        "time to issue a step; step = wall after synchronising."))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="tessera bench --isolated", description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default="sdxl-layout,flux-layout")
+    parser.add_argument("--strategies", default="patch,pcpp,patch-sync")
+    parser.add_argument("--worlds", default="2,4,8")
+    parser.add_argument("--sizes", default="512")
+    parser.add_argument("--steps", type=int, default=6, help="denoiser calls per request")
+    parser.add_argument("--warmup", type=int, default=2, help="synchronous steps of the stale strategies")
+    parser.add_argument("--pcpp-portion", type=float, default=0.3)
+    parser.add_argument("--ranks", choices=("edges", "all"), default="edges",
+                        help="measure the first, a middle and the last rank (edges) or every rank")
+    parser.add_argument("--device", default=None, help="default: the local GPU if any, else cpu")
+    parser.add_argument("--out", default="outputs/isolated.json")
+    args = parser.parse_args(argv)
+    from parallel.config import STRATEGIES, ConfigError
+
+    strategies = [s for s in args.strategies.split(",") if s]
+    for s in strategies:
+        if s not in STRATEGIES or s in ("none", "tpp", "asg"):
+            raise ConfigError(f"--isolated measures the patch strategies (patch, pcpp, patch-sync); got {s!r}")
+    if args.steps <= args.warmup:
+        raise ConfigError(f"--steps {args.steps} must exceed --warmup {args.warmup} to leave stale steps")
+    records = sweep([m for m in args.models.split(",") if m], [int(s) for s in args.sizes.split(",") if s],
+                    strategies, [int(w) for w in args.worlds.split(",") if w], args.steps, args.warmup, args.ranks,
+                    args.device, portion=args.pcpp_portion, log=lambda line: print(line, file=sys.stderr, flush=True))
+    summary = summarize(records)
+    write_results(args.out, {"records": records, "summary": summary}, table(summary, records))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
