@@ -4,6 +4,9 @@
   in `engine.presets_dit`) are built offline from configs with seeded random
   weights: every rank that builds one gets bit-identical weights (same seed, same
   construction order). They exist for fast exactness tests; their images are noise-like.
+- Layout presets (`sdxl-layout`, `pixart-layout`, `flux-layout`, in `engine.presets_layout`)
+  are random presets with a published denoiser's exact module graph at narrow widths: they
+  make the same layers and calls per step as the real model (what host cost depends on).
 - Trained presets (`shapes-sd`) are diffusers directories shipped in `engine/weights/`,
   trained by `benchmarks/train_shapes.py`. They are what fidelity is measured on.
 """
@@ -17,6 +20,7 @@ import torch
 
 from engine.info import ModelInfo
 from engine.presets_dit import build_tiny_flux, build_tiny_pixart, build_tiny_sd3
+from engine.presets_layout import build_flux_layout, build_pixart_layout, build_sdxl_layout
 
 PRESET_SEED = 1234
 
@@ -179,6 +183,9 @@ PRESETS: dict[str, Callable] = {
     "tiny-pixart": build_tiny_pixart,
     "tiny-sd3": build_tiny_sd3,
     "tiny-flux": build_tiny_flux,
+    "sdxl-layout": build_sdxl_layout,
+    "pixart-layout": build_pixart_layout,
+    "flux-layout": build_flux_layout,
 }
 
 
@@ -193,6 +200,10 @@ PRESET_INFO = {
     "tiny-pixart": ModelInfo("tiny-pixart", "PixArtSigmaPipeline", 8, 2, 256),
     "tiny-sd3": ModelInfo("tiny-sd3", "StableDiffusion3Pipeline", 8, 2, 256),
     "tiny-flux": ModelInfo("tiny-flux", "FluxPipeline", 8, 2, 1024, does_cfg=False),
+    # Layout presets keep the published sample sizes: 1024 px by default, as the real models.
+    "sdxl-layout": ModelInfo("sdxl-layout", "StableDiffusionXLPipeline", 8, 4, 1024),
+    "pixart-layout": ModelInfo("pixart-layout", "PixArtSigmaPipeline", 8, 2, 1024),
+    "flux-layout": ModelInfo("flux-layout", "FluxPipeline", 8, 2, 1024, does_cfg=False),
 }
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
