@@ -49,33 +49,33 @@ def _stale_step_bytes(report: dict) -> tuple[float, float]:
     return float(np.mean(kv)), float(np.mean(total))
 
 
-def run(model, sizes, steps, worlds, strategies, warmups, seed, guidance, out_rows):
+def run(model, sizes, steps, worlds, strategies, warmups, seed, guidance, out_rows, gn_modes=("corrected",)):
     from engine import Engine, ParallelConfig
     from engine.fidelity import compare
 
     request = dict(num_inference_steps=steps, seed=seed, guidance_scale=guidance, progress=False)
     with Engine.from_pretrained(model) as serial:  # the reference, computed once per size
         references = {size: serial.generate(PROMPT, height=size, width=size, **request) for size in sizes}
-    points = [(s, w, st, p) for s in sizes for w in warmups for st, p in strategies]
+    points = [(s, w, st, p, gn) for s in sizes for w in warmups for st, p in strategies for gn in gn_modes]
     records, done = [], 0
     for world in worlds:
         start = ParallelConfig(strategy="patch", world_size=world, cfg_split=False)
         with Engine.from_pretrained(model, parallel=start) as engine:
             patch_kv = {}
-            for size, warmup, strategy, portion in points:
-                config = ParallelConfig(strategy=strategy, cfg_split=False, warmup_steps=warmup,
+            for size, warmup, strategy, portion, gn_mode in points:
+                config = ParallelConfig(strategy=strategy, cfg_split=False, warmup_steps=warmup, gn_mode=gn_mode,
                                         pcpp_portion=portion if portion is not None else 0.3)
                 result = engine.generate(PROMPT, height=size, width=size, parallel=config, **request)
                 ref = references[size]
                 vs = compare(np.asarray(result.images), np.asarray(ref.images), result.latents.numpy(),
                              ref.latents.numpy())
                 kv, total = _stale_step_bytes(result.report)
-                if strategy == "patch":
+                if strategy == "patch" and gn_mode == gn_modes[0]:
                     patch_kv[(size, warmup)] = kv
                 base = patch_kv.get((size, warmup))
                 records.append({
                     "model": model, "size": size, "steps": steps, "world_size": world, "strategy": strategy,
-                    "pcpp_portion": portion, "warmup_steps": warmup, "seed": seed, "guidance_scale": guidance,
+                    "pcpp_portion": portion, "warmup_steps": warmup, "gn_mode": gn_mode, "seed": seed, "guidance_scale": guidance,
                     "psnr_db": vs["psnr_db"], "rel_l2": vs["rel_l2"], "latent_rel_l2": vs["latent_rel_l2"],
                     "kv_bytes_sent_per_step": kv, "bytes_sent_per_step": total,
                     "kv_vs_patch": kv / base if base else None,
@@ -91,6 +91,8 @@ def run(model, sizes, steps, worlds, strategies, warmups, seed, guidance, out_ro
 
 def row(r: dict) -> str:
     name = r["strategy"] + (f" {r['pcpp_portion']:g}" if r["strategy"] == "pcpp" else "")
+    if r.get("gn_mode", "corrected") != "corrected":
+        name += f", GN {r['gn_mode']}"
     ratio = f"{r['kv_vs_patch']:.1%}" if r["kv_vs_patch"] is not None else "-"
     return (f"| {r['model']} | {r['size']} | {r['world_size']} | {name} | {r['warmup_steps']} | {r['psnr_db']:.2f} | "
             f"{r['latent_rel_l2']:.4f} | {r['kv_bytes_sent_per_step'] / 1e6:.3f} | {ratio} | "
@@ -106,6 +108,7 @@ def main(argv=None) -> int:
     parser.add_argument("--strategies", default="patch,pcpp:0.1,pcpp:0.3,pcpp:0.5",
                         help="comma-separated; pcpp:P sets the portion (patch first: the K/V ratio's base)")
     parser.add_argument("--warmups", default="4")
+    parser.add_argument("--gn-modes", default="corrected", help="comma-separated GroupNorm modes (corrected first)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--out", default="outputs/fidelity.json")
@@ -113,7 +116,8 @@ def main(argv=None) -> int:
     rows: list[str] = []
     records = run(args.model, [int(s) for s in args.sizes.split(",")], args.steps,
                   [int(w) for w in args.worlds.split(",")], parse_strategies(args.strategies),
-                  [int(w) for w in args.warmups.split(",")], args.seed, args.guidance, rows)
+                  [int(w) for w in args.warmups.split(",")], args.seed, args.guidance, rows,
+                  tuple(m for m in args.gn_modes.split(",") if m))
     write_results(args.out, records, HEADER + "\n" + "\n".join(rows) + "\n")
     return 0
 

@@ -14,7 +14,7 @@ def is_int(value) -> bool:
 MAX_ASG_STRENGTH = 4.0
 STRATEGIES = ("none", "patch", "patch-sync", "pcpp", "asg", "tpp")
 PATCH_STRATEGIES = ("patch", "patch-sync", "pcpp")  # those that split the latent into row bands
-GN_MODES = ("corrected", "sync")
+GN_MODES = ("corrected", "extrapolated", "sync")
 
 
 class ConfigError(ValueError):
@@ -45,8 +45,10 @@ class ParallelConfig:
                    (0 or 1). Defaults measured on shapes-sd at 2x (README).
                    "tpp" streams video from a causal video model (engine.stream): rank r
                    owns a run of the denoising steps of every chunk (engine/stream.py).
-    gn_mode:       "corrected" (stale global GroupNorm statistics corrected with fresh
-                   local ones) or "sync" (exact all-gather of statistics every step).
+    gn_mode:       "corrected" (DistriFusion: stale global GroupNorm statistics plus this
+                   band's own change), "extrapolated" (the same on statistics predicted
+                   from the last two steps; same bytes, closer to serial on trained
+                   models) or "sync" (exact all-gather of statistics every step).
     cfg_split:     put the unconditional and conditional halves of a guided batch on two
                    rank groups; None = on whenever guidance is used and world_size is even.
     comm_timeout_s: bound on any collective; a vanished peer becomes an error, not a hang.

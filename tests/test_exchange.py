@@ -79,3 +79,4 @@ def test_neighbour_exchange_sends_only_boundary_rows():
     assert p2 == [104.0, 105.0] and n2 is None
     assert s1["bytes_sent"] == (1 + 2) * 4 and s1["bytes_received"] == (2 + 1) * 4
     assert s0["bytes_sent"] == 2 * 4 and s0["bytes_received"] == 1 * 4
+

@@ -72,6 +72,23 @@ def test_corrected_groupnorm_is_exact_when_every_band_changes_like_this_one():
         torch.testing.assert_close(var, exact_var)
 
 
+def test_extrapolated_groupnorm_predicts_stale_statistics_from_the_last_two_it_saw():
+    from torch import nn
+
+    from parallel.groupnorm import GN_EXTRAPOLATION
+
+    gn = nn.GroupNorm(2, 4)
+    gn.__class__ = PatchGroupNorm
+    s = [torch.full((2, 1, 2, 2), float(v)) for v in (1.0, 2.0, 4.0, 7.0)]  # statistics as of steps 0..3
+    x = GN_EXTRAPOLATION
+    assert gn._extrapolated(s[0], step=0, sync=True) is s[0]  # synchronous steps: fresh, as seen
+    assert gn._extrapolated(s[1], step=1, sync=True) is s[1]
+    torch.testing.assert_close(gn._extrapolated(s[1], step=2, sync=False), s[1] + x * (s[1] - s[0]))
+    torch.testing.assert_close(gn._extrapolated(s[2], step=3, sync=False), s[2] + x * (s[2] - s[1]))
+    assert gn._extrapolated(s[3], step=0, sync=True) is s[3]  # a new request forgets the old one
+    assert gn._extrapolated(s[3], step=1, sync=False) is s[3]  # nothing older seen in this request yet
+
+
 def test_corrected_groupnorm_falls_back_to_the_fresh_band_variance_when_negative():
     zero = torch.zeros(1, 2)
     mean, var = corrected(zero, torch.full((1, 2), 0.01), zero, torch.tensor([[0.5, 0.0]]),
