@@ -2,6 +2,7 @@
 
     tessera bench --models tiny-sd,tiny-flux --strategies patch,pcpp,patch-sync --worlds 2,4 \\
         --sizes 256 --steps 8 --repeats 2 --peers ulysses --out outputs/bench.json
+    tessera bench --isolated ...   # each rank alone with the whole machine (benchmarks/isolated.py)
 
 For every point: the median denoising time over `--repeats` runs after one warm-up, and from
 the last run each rank's compute time, communication wait, bytes sent/received per step and
@@ -195,6 +196,11 @@ def plots(records: list, out: str) -> list:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--isolated" in argv:  # one rank at a time with the whole machine: benchmarks/isolated.py
+        from benchmarks.isolated import main as isolated_main
+
+        return isolated_main([a for a in argv if a != "--isolated"])
     parser = argparse.ArgumentParser(prog="tessera bench", description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="tiny-sd,tiny-flux")
     parser.add_argument("--strategies", default="patch,pcpp,patch-sync")

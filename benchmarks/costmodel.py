@@ -28,6 +28,17 @@ Step time = compute + exposed communication:
 - warm-up steps of stale strategies cost the synchronous step.
 The constants ACHIEVABLE, STALE_EXPOSED and the latency terms were fitted once to
 DistriFusion's table (`--calibrate`) and are the same for every strategy and model.
+
+Host time (Python, hooks, dispatch, launches) per step is a term of its own (`HostTerm`):
+- `graphs`: ~0, as for a captured step. DistriFusion replays its steps as CUDA graphs, so
+  the validation against its table runs in this mode.
+- `eager`: what Tessera runs today. The host time of a step is measured on this machine by
+  isolated ranks of the layout presets (`benchmarks/isolated.py`: the published module
+  graphs at narrow widths, since host cost follows layers and calls, not widths), times a
+  named CPU-speed factor (1.0 = this machine), plus LAUNCH_S per top-level ATen operator
+  (the dispatch and kernel launch a GPU adds; an assumption until `make gpu-check`
+  measures it). The GPU waits where that exceeds the step's GPU work:
+  step = max(GPU step, host step).
 """
 
 from __future__ import annotations
@@ -60,6 +71,12 @@ class ModelSpec:
     max_latent: int | None = None  # position-embedding limit of the shipped config
     unet: bool = False  # convolutions everywhere: sequence parallelism does not apply
 
+
+# Host time per step comes from the layout preset of the same architecture.
+LAYOUT_PRESETS = {"sdxl": "sdxl-layout", "pixart-sigma": "pixart-layout", "flux1-dev": "flux-layout"}
+HOST_TIMES = os.path.join(os.path.dirname(__file__), "measured", "isolated_layouts.json")
+LAUNCH_S = 5e-6  # host s per top-level ATen operator on a GPU (dispatch + launch; assumed, eager PyTorch)
+HOST_MODES = ("eager", "graphs")
 
 MODELS = {
     "sdxl": ModelSpec("sdxl", "sdxl-unet.json", 8, 8, 2, 77, unet=True),
@@ -111,6 +128,48 @@ DISTRIFUSION_SDXL = {3840: {2: 1.8, 4: 3.4, 8: 6.1}, 2048: {2: 1.8, 4: 3.1, 8: 4
 DISTRIFUSION_STEPS, DISTRIFUSION_WARMUP = 50, 4
 # PCPP (the paper's claim): 2.36x-8.02x on 4-8 GPUs.
 PCPP_CLAIM = "2.36x-8.02x on 4-8 GPUs (PCPP paper)"
+
+
+@dataclass(frozen=True)
+class HostTerm:
+    """Host seconds per denoising step, by (model key, strategy, ranks); ranks 1 = serial."""
+
+    mode: str = "graphs"
+    cpu_factor: float = 1.0  # host seconds there per host second on the measuring machine
+    table: tuple = ()  # ((key, strategy, n), (host_s, aten_ops)) pairs
+
+    @classmethod
+    def load(cls, path: str = HOST_TIMES, mode: str = "eager", cpu_factor: float = 1.0) -> "HostTerm":
+        """From the JSON of `python -m benchmarks.isolated` on the layout presets: per point
+        the slowest measured rank's host time (the largest over sizes: host cost barely
+        depends on the size, so this is the conservative choice)."""
+        if mode not in HOST_MODES:
+            raise ValueError(f"host mode must be one of {HOST_MODES}, got {mode!r}")
+        if cpu_factor <= 0:
+            raise ValueError(f"cpu_factor must be positive, got {cpu_factor!r}")
+        keys = {preset: key for key, preset in LAYOUT_PRESETS.items()}
+        with open(path) as f:
+            data = json.load(f)
+        table: dict = {}
+        for r in data["records"] if isinstance(data, dict) else data:
+            if r["model"] not in keys:
+                continue
+            point = (keys[r["model"]], r["strategy"], r["world_size"])
+            old = table.get(point, (0.0, 0))
+            table[point] = (max(old[0], r["host_s"]), max(old[1], r["aten_ops_per_step"]))
+        return cls(mode, cpu_factor, tuple(sorted(table.items())))
+
+    def seconds(self, key: str, strategy: str, n: int) -> float:
+        if self.mode == "graphs":
+            return 0.0
+        strategy = "serial" if n == 1 else strategy
+        measured = {p[2]: v for p, v in self.table if p[0] == key and p[1] == strategy}
+        if not measured:
+            raise KeyError(f"no host time measured for {key} {strategy} (run benchmarks.isolated on "
+                           f"{LAYOUT_PRESETS.get(key, 'a layout preset')})")
+        # the nearest measured rank count (host time per step barely changes with n)
+        host_s, ops = measured[min(measured, key=lambda m: (abs(math.log2(m) - math.log2(n)), -m))]
+        return host_s * self.cpu_factor + ops * LAUNCH_S
 
 
 @dataclass
@@ -284,11 +343,11 @@ def strategy_plan(c: Census, strategy: str, n: int, spec: ModelSpec, portion: fl
     return Plan(worst[0], worst[1], collectives, strategy in ("patch", "pcpp"), worst[2], worst[3])
 
 
-def step_times(plan: Plan, n: int, hw: Hardware, k: Constants) -> tuple[float, float]:
-    """(stale step, synchronous step) seconds."""
+def step_times(plan: Plan, n: int, hw: Hardware, k: Constants, host_s: float = 0.0) -> tuple[float, float]:
+    """(stale step, synchronous step) seconds; the GPU waits for a host that is slower than it."""
     compute = plan.flops / (hw.peak_flops * k.achievable)
     if n == 1:
-        return compute, compute
+        return max(compute, host_s), max(compute, host_s)
     doublings = math.log2(n)
     latency = (k.lat_base + hw.lat_base) + (k.lat_per_doubling + hw.lat_per_doubling) * doublings
     bw = hw.link_bw
@@ -299,22 +358,31 @@ def step_times(plan: Plan, n: int, hw: Hardware, k: Constants) -> tuple[float, f
     fixed = plan.collectives * latency
     sync = compute + fixed + transfer
     stale = compute + fixed + k.stale_exposed * transfer if plan.stale else sync
-    return stale, sync
+    return max(stale, host_s), max(sync, host_s)
 
 
 def latency(key: str, pixels: int, strategy: str, n: int, hw: Hardware, k: Constants, steps: int,
-            warmup: int, portion: float = 0.3) -> float:
+            warmup: int, portion: float = 0.3, host: HostTerm | None = None) -> float:
     spec = MODELS[key]
     plan = strategy_plan(census(key, pixels), strategy, n, spec, portion)
-    stale, sync = step_times(plan, n, hw, k)
+    host_s = host.seconds(key, strategy, n) if host is not None else 0.0
+    stale, sync = step_times(plan, n, hw, k, host_s)
     if not plan.stale:
         return steps * sync
     return warmup * sync + (steps - warmup) * stale
 
 
-def speedup(key, pixels, strategy, n, hw, k, steps=DISTRIFUSION_STEPS, warmup=DISTRIFUSION_WARMUP, portion=0.3):
-    base = latency(key, pixels, "patch", 1, hw, k, steps, 0)
-    return base / latency(key, pixels, strategy, n, hw, k, steps, warmup, portion)
+def host_bound(key: str, pixels: int, strategy: str, n: int, hw: Hardware, k: Constants, host: HostTerm,
+               portion: float = 0.3) -> bool:
+    """Whether the host, not the GPU, sets the steady step time."""
+    plan = strategy_plan(census(key, pixels), strategy, n, MODELS[key], portion)
+    return host.seconds(key, strategy, n) > step_times(plan, n, hw, k)[0]
+
+
+def speedup(key, pixels, strategy, n, hw, k, steps=DISTRIFUSION_STEPS, warmup=DISTRIFUSION_WARMUP, portion=0.3,
+            host: HostTerm | None = None):
+    base = latency(key, pixels, "patch", 1, hw, k, steps, 0, host=host)
+    return base / latency(key, pixels, strategy, n, hw, k, steps, warmup, portion, host=host)
 
 
 def validation_rows(k: Constants) -> list[dict]:
@@ -353,37 +421,60 @@ def validation_table(rows) -> str:
 STRATEGIES = ("patch", "pcpp", "patch-sync", "sequence")
 
 
-def projection_rows(k: Constants, profile: str, models=("sdxl", "pixart-sigma")) -> list[dict]:
+def projection_rows(k: Constants, profile: str, models=("sdxl", "pixart-sigma"), host: HostTerm | None = None,
+                    pixel_list=(1024, 2048, 4096)) -> list[dict]:
+    """Speed-ups with captured steps (graphs) and, where `host` (eager) has the model's host
+    times, with Tessera's measured host time per step."""
     hw = PROFILES[profile]
     rows = []
     for key in models:
         spec = MODELS[key]
-        for pixels in (1024, 2048, 4096):
+        for pixels in pixel_list:
             if spec.max_latent and pixels // spec.vae_factor > spec.max_latent:
                 continue
             for strategy in STRATEGIES:
                 if strategy == "sequence" and spec.unet:
                     continue  # a UNet's convolutions are not a sequence: sequence parallelism is for DiTs
                 for n in (2, 4, 8, 16):
+                    row = {"model": key, "pixels": pixels, "strategy": strategy, "gpus": n}
                     try:
-                        s = speedup(key, pixels, strategy, n, hw, k)
+                        row["speedup"] = speedup(key, pixels, strategy, n, hw, k)
                     except Exception as exc:  # e.g. more ranks than bands: say so in the table
-                        s = None
-                        note = str(exc).splitlines()[0]
-                    rows.append({"model": key, "pixels": pixels, "strategy": strategy, "gpus": n,
-                                 "speedup": s, **({} if s is not None else {"note": note})})
+                        row.update(speedup=None, note=str(exc).splitlines()[0])
+                    if row["speedup"] is not None and host is not None and strategy != "sequence":
+                        try:
+                            row["speedup_eager"] = speedup(key, pixels, strategy, n, hw, k, host=host)
+                            row["host_bound"] = host_bound(key, pixels, strategy, n, hw, k, host)
+                            row["host_ms_per_step"] = host.seconds(key, strategy, n) * 1e3
+                        except KeyError:
+                            pass  # no layout preset measured for this model
+                    rows.append(row)
     return rows
 
 
-def projection_table(rows, profile: str) -> str:
-    lines = [f"Projected speed-up over one GPU ({PROFILES[profile].name}; model, not measurement):", "",
-             "| model | resolution | strategy | 2 GPUs | 4 GPUs | 8 GPUs | 16 GPUs |", "|---|---|---|---|---|---|---|"]
+def projection_table(rows, profile: str, host: HostTerm | None = None) -> str:
+    eager = host is not None and any("speedup_eager" in r for r in rows)
+    title = f"Projected speed-up over one GPU ({PROFILES[profile].name}; model, not measurement)"
+    if eager:
+        title += (f". Each cell: eager, as Tessera runs today (host time measured here x {host.cpu_factor:g}, "
+                  f"+{LAUNCH_S * 1e6:g} us per ATen op), then (graphs: host ~0, as captured steps). "
+                  "A * marks a host-bound cell: the GPU waits for Python")
+    lines = [title + ":", "", "| model | resolution | strategy | 2 GPUs | 4 GPUs | 8 GPUs | 16 GPUs |",
+             "|---|---|---|---|---|---|---|"]
     groups: dict = {}
     for r in rows:
-        groups.setdefault((r["model"], r["pixels"], r["strategy"]), {})[r["gpus"]] = r["speedup"]
+        groups.setdefault((r["model"], r["pixels"], r["strategy"]), {})[r["gpus"]] = r
+
+    def cell(r):
+        if r is None or r["speedup"] is None:
+            return "-"
+        if "speedup_eager" not in r:
+            return f"{r['speedup']:.2f}x"
+        return f"{r['speedup_eager']:.2f}x{'*' if r['host_bound'] else ''} ({r['speedup']:.2f}x)"
+
     for (model, pixels, strategy), cells in groups.items():
-        vals = " | ".join("-" if cells.get(n) is None else f"{cells[n]:.2f}x" for n in (2, 4, 8, 16))
-        lines.append(f"| {model} | {pixels}² | {strategy} | {vals} |")
+        lines.append(f"| {model} | {pixels}² | {strategy} | " + " | ".join(cell(cells.get(n)) for n in (2, 4, 8, 16))
+                     + " |")
     lines.append(f"\nPublished claim beside ours: PCPP {PCPP_CLAIM}.")
     return "\n".join(lines)
 
@@ -395,6 +486,11 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", default="a100-nvlink", choices=sorted(PROFILES))
     parser.add_argument("--models", default="sdxl,pixart-sigma", help="comma-separated: " + ", ".join(MODELS))
     parser.add_argument("--tolerance", type=float, default=0.2)
+    parser.add_argument("--host-mode", choices=HOST_MODES + ("both",), default="both",
+                        help="projections with Tessera's measured host time (eager), captured steps (graphs), or both")
+    parser.add_argument("--host-times", default=HOST_TIMES, help="JSON of benchmarks.isolated on the layout presets")
+    parser.add_argument("--cpu-factor", type=float, default=1.0,
+                        help="host seconds per step on the GPU machine per host second here (1.0 = this machine)")
     parser.add_argument("--out", default="outputs/costmodel.json")
     args = parser.parse_args(argv)
     k = calibrate() if args.calibrate else CALIBRATED
@@ -406,13 +502,18 @@ def main(argv=None) -> int:
           f"constants: {k}")
     if args.validate:
         return 1 if misses else 0
-    proj = projection_rows(k, args.profile, tuple(m for m in args.models.split(",") if m))
+    host = None
+    if args.host_mode != "graphs":
+        host = HostTerm.load(args.host_times, "eager", args.cpu_factor)
+    proj = projection_rows(k, args.profile, tuple(m for m in args.models.split(",") if m), host)
     print()
-    print(projection_table(proj, args.profile))
+    print(projection_table(proj, args.profile, host))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"constants": k.__dict__, "validation": rows, "profile": args.profile, "projections": proj}, f,
-                  indent=2)
+        json.dump({"constants": k.__dict__, "validation": rows, "profile": args.profile, "projections": proj,
+                   "host": None if host is None else {"mode": host.mode, "cpu_factor": host.cpu_factor,
+                                                      "launch_s_per_op": LAUNCH_S, "source": args.host_times}},
+                  f, indent=2)
     print(f"json: {os.path.abspath(args.out)}")
     return 1 if misses else 0
 

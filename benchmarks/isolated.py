@@ -43,8 +43,9 @@ from benchmarks.output import write_results
 STEP_MARK = "tessera.isolated.step"
 HEADER = (
     "| model | size | strategy | ranks | slowest rank step (ms) | serial step (ms) | compute speed-up, 1 device/rank "
-    "| host ms/step (slowest rank) | serial host ms/step | host vs serial | ops/step | MB sent/step |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| host ms/step (slowest rank) | serial host ms/step | host vs serial | comm ops/step | MB sent/step "
+    "| ATen ops/step (serial) |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -110,8 +111,9 @@ def load_subject(name: str, size: int, device: torch.device, dtype: torch.dtype 
     return Subject(name, pipe, denoiser_of(pipe), call, (size // vae, size // vae), device)
 
 
-def _top_level_aten_s(prof) -> list[float]:
-    """Per step mark, the seconds spent inside outermost ATen operators."""
+def _top_level_aten(prof) -> tuple[list[float], list[int]]:
+    """Per step mark: the seconds spent inside outermost ATen operators, and their count
+    (on a GPU each of them is at least one dispatch and kernel launch on the host)."""
     events = prof.events()
 
     def outermost(e):
@@ -124,9 +126,12 @@ def _top_level_aten_s(prof) -> list[float]:
 
     marks = sorted((e for e in events if e.name == STEP_MARK), key=lambda e: e.time_range.start)
     ops = [e for e in events if e.name.startswith("aten::") and outermost(e)]
-    return [sum(o.time_range.elapsed_us() for o in ops
-                if m.time_range.start <= o.time_range.start and o.time_range.end <= m.time_range.end) / 1e6
-            for m in marks]
+    seconds, counts = [], []
+    for m in marks:
+        inside = [o for o in ops if m.time_range.start <= o.time_range.start and o.time_range.end <= m.time_range.end]
+        seconds.append(sum(o.time_range.elapsed_us() for o in inside) / 1e6)
+        counts.append(len(inside))
+    return seconds, counts
 
 
 def _run_steps(subject: Subject, steps: int, request, profile: bool = False) -> list[dict]:
@@ -161,22 +166,25 @@ def _run_steps(subject: Subject, steps: int, request, profile: bool = False) -> 
 
 @torch.no_grad()
 def measure(subject: Subject, steps: int, steady_from: int, request=contextlib.nullcontext) -> dict:
-    """One unrecorded request, one timed request and (CPU) one profiled request."""
+    """One unrecorded request, one timed request and one profiled request (ATen time on
+    CPU, and the count of top-level ATen operators per step everywhere)."""
     _run_steps(subject, steps, request)
     timed = _run_steps(subject, steps, request)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        _run_steps(subject, steps, request, profile=True)
+    aten_s, aten_ops = _top_level_aten(prof)
     if subject.device.type == "cuda":
         work = [s["gpu_s"] for s in timed]
         host = [s["issue_s"] for s in timed]
     else:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            _run_steps(subject, steps, request, profile=True)
-        work = _top_level_aten_s(prof)
+        work = aten_s
         host = [max(0.0, s["wall_s"] - a) for s, a in zip(timed, work)]
     steady = slice(steady_from, steps)
     return {
         "step_s": statistics.median(s["wall_s"] for s in timed[steady]),
         "work_s": statistics.median(work[steady]),
         "host_s": statistics.median(host[steady]),
+        "aten_ops_per_step": int(statistics.median(aten_ops[steady])),
         "per_step_wall_s": [s["wall_s"] for s in timed],
     }
 
@@ -284,6 +292,8 @@ def summarize(records: list[dict]) -> list[dict]:
             "slowest_rank": slowest["rank"], "slowest_step_s": slowest["step_s"], "serial_step_s": ref["step_s"],
             "compute_speedup": ref["step_s"] / slowest["step_s"],
             "host_s": host, "serial_host_s": ref["host_s"], "host_vs_serial": host / ref["host_s"] if ref["host_s"] else None,
+            "aten_ops_per_step": max(r["aten_ops_per_step"] for r in ranks),
+            "serial_aten_ops_per_step": ref["aten_ops_per_step"],
             "ops_per_step": max(r["ops_per_step"] for r in ranks),
             "bytes_sent_per_step": max(r["bytes_sent_per_step"] for r in ranks),
         })
@@ -297,7 +307,8 @@ def table(summary: list[dict], records: list[dict]) -> str:
         lines.append(
             f"| {s['model']} | {s['size']} | {s['strategy']} | {s['world_size']} | {s['slowest_step_s'] * 1e3:.1f} "
             f"| {s['serial_step_s'] * 1e3:.1f} | {s['compute_speedup']:.2f}x | {s['host_s'] * 1e3:.1f} "
-            f"| {s['serial_host_s'] * 1e3:.1f} | {ratio} | {s['ops_per_step']} | {s['bytes_sent_per_step'] / 1e6:.2f} |")
+            f"| {s['serial_host_s'] * 1e3:.1f} | {ratio} | {s['ops_per_step']} | {s['bytes_sent_per_step'] / 1e6:.2f} "
+            f"| {s['aten_ops_per_step']} ({s['serial_aten_ops_per_step']}) |")
     if records:
         r = records[0]
         lines.append(f"\nIsolated ranks: one rank alone with {r['threads']} threads on {r['device']} ({r['dtype']}), "

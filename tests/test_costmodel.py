@@ -57,3 +57,44 @@ def test_plan_bytes_equal_what_the_engine_sends(pool):
     plan = strategy_plan(census_of(unet, spec, 32, 32, args, {}), "patch", 2, spec, dtype_bytes=4, rank=0)
     assert plan.kv_bytes == step["kv"]["sent"] == step["kv"]["received"]
     assert plan.halo_bytes == step["halo"]["sent"]
+
+
+def _host_term(tmp_path, host_s, mode="eager", factor=1.0):
+    """A HostTerm from an isolated-benchmark JSON with `host_s` per step everywhere."""
+    import json
+
+    records = [{"model": "sdxl-layout", "strategy": "serial", "world_size": 1, "rank": 0, "host_s": host_s,
+                "aten_ops_per_step": 1000}]
+    for n in (2, 8):
+        for rank in (0, n - 1):
+            records.append({"model": "sdxl-layout", "strategy": "patch", "world_size": n, "rank": rank,
+                            "host_s": host_s * (1.5 if rank else 1.0), "aten_ops_per_step": 1200})
+    path = tmp_path / "isolated.json"
+    path.write_text(json.dumps({"records": records, "summary": []}))
+    return costmodel.HostTerm.load(str(path), mode, factor)
+
+
+def test_host_term_graphs_mode_is_the_validated_model(tmp_path):
+    hw = costmodel.PROFILES["a100-nvlink"]
+    graphs = _host_term(tmp_path, 1.0, mode="graphs")
+    for n in (2, 8):
+        assert costmodel.speedup("sdxl", 1024, "patch", n, hw, CALIBRATED, host=graphs) == \
+               pytest.approx(costmodel.speedup("sdxl", 1024, "patch", n, hw, CALIBRATED))
+
+
+def test_host_term_eager_caps_the_step_at_the_host_time(tmp_path):
+    hw = costmodel.PROFILES["a100-nvlink"]
+    slow = _host_term(tmp_path, 1.0)  # a 1 s host step dwarfs any GPU step: every step is host-bound
+    assert slow.seconds("sdxl", "patch", 8) == pytest.approx(1.5 + 1200 * costmodel.LAUNCH_S)
+    assert slow.seconds("sdxl", "patch", 4) == slow.seconds("sdxl", "patch", 8)  # nearest measured, larger on ties
+    assert costmodel.host_bound("sdxl", 1024, "patch", 8, hw, CALIBRATED, slow)
+    # serial and parallel both wait on their hosts: the speed-up is the ratio of host times
+    expected = (1.0 + 1000 * costmodel.LAUNCH_S) / (1.5 + 1200 * costmodel.LAUNCH_S)
+    assert costmodel.speedup("sdxl", 1024, "patch", 8, hw, CALIBRATED, host=slow) == pytest.approx(expected, rel=1e-6)
+    # a negligible host changes nothing, and a faster CPU shrinks the host term
+    fast = _host_term(tmp_path, 1e-9)
+    assert not costmodel.host_bound("sdxl", 1024, "patch", 8, hw, CALIBRATED, fast)
+    assert _host_term(tmp_path, 1.0, factor=0.5).seconds("sdxl", "patch", 2) == pytest.approx(
+        1.5 * 0.5 + 1200 * costmodel.LAUNCH_S)  # the slowest rank's host time, scaled
+    with pytest.raises(KeyError, match="no host time measured"):
+        slow.seconds("pixart-sigma", "patch", 2)

@@ -87,3 +87,18 @@ def test_measure_reports_steady_steps_and_a_summary():
                       dict(point, model=MODEL, size=128, strategy="patch", world_size=2, rank=0)])
     assert rows[0]["compute_speedup"] == pytest.approx(serial["step_s"] / point["step_s"])
     assert rank_positions(8, "edges") == [0, 4, 7] and rank_positions(3, "all") == [0, 1, 2]
+
+
+def test_tessera_bench_isolated_writes_json_and_table(tmp_path):
+    import json
+
+    from launch.cli import main
+
+    out = tmp_path / "isolated.json"
+    assert main(["bench", "--isolated", "--models", MODEL, "--sizes", "128", "--strategies", "patch,patch-sync",
+                 "--worlds", "2", "--steps", "3", "--warmup", "1", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert {(r["strategy"], r["world_size"], r["rank"]) for r in data["records"]} == {
+        ("serial", 1, 0), ("patch", 2, 0), ("patch", 2, 1), ("patch-sync", 2, 0), ("patch-sync", 2, 1)}
+    assert [(s["strategy"], s["world_size"]) for s in data["summary"]] == [("patch", 2), ("patch-sync", 2)]
+    assert "compute speed-up" in (tmp_path / "isolated.md").read_text()
