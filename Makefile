@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_CPU := torch==2.13.0
 STAMP := $(VENV)/.tessera-installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# On a machine with NVIDIA GPUs: every strategy on CUDA/NCCL, isolated-rank measurements of the
+# real-size SDXL UNet and PixArt-Sigma, projected speed-ups; under 8 minutes on one H100/H200.
+# Writes outputs/gpu_check.json and .md; exit 1 if a check failed. CPU version (CI, tiny
+# sizes): $(PY) -m benchmarks.gpu_check --cpu
+gpu-check: $(STAMP)
+	$(PY) -m benchmarks.gpu_check
 
 clean:
 	rm -rf $(VENV) outputs
