@@ -130,16 +130,10 @@ def build_tiny_sd():
 
 def build_tiny_sdxl():
     """SDXL-style: `text_time` added conditioning, two text encoders, linear projections."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import UNet2DConditionModel
 
-    torch.manual_seed(PRESET_SEED)
-    tokenizer = tiny_tokenizer()
-    tokenizer_2 = tiny_tokenizer()
-    text_encoder = CLIPTextModel(_clip_config(len(tokenizer)))
-    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(len(tokenizer_2)))
     time_dim = 8
-    unet = UNet2DConditionModel(
+    return sdxl_pipeline(lambda: UNet2DConditionModel(
         sample_size=32,
         in_channels=4,
         out_channels=4,
@@ -155,7 +149,21 @@ def build_tiny_sdxl():
         projection_class_embeddings_input_dim=6 * time_dim + 32,
         cross_attention_dim=64,
         norm_num_groups=8,
-    )
+    ))
+
+
+def sdxl_pipeline(make_unet: Callable):
+    """An SDXL pipeline around `make_unet()`: two tiny CLIP text encoders (width 32, pooled
+    32), a tiny VAE and SDXL's Euler scheduler, built in a fixed order from PRESET_SEED."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(PRESET_SEED)
+    tokenizer = tiny_tokenizer()
+    tokenizer_2 = tiny_tokenizer()
+    text_encoder = CLIPTextModel(_clip_config(len(tokenizer)))
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(len(tokenizer_2)))
+    unet = make_unet()
     vae = _tiny_vae()
     vae.register_to_config(scaling_factor=0.13025, force_upcast=False)
     scheduler = EulerDiscreteScheduler(

@@ -55,14 +55,9 @@ def _flow_vae(factors: dict):
 
 def build_tiny_pixart():
     """PixArt-Sigma-style: adaLN-single DiT, self-attention + cross-attention to T5 tokens."""
-    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+    from diffusers import PixArtTransformer2DModel
 
-    from engine.presets import PRESET_SEED, _tiny_vae, tiny_tokenizer
-
-    torch.manual_seed(PRESET_SEED)
-    tokenizer = tiny_tokenizer()
-    text_encoder = _t5_encoder(len(tokenizer))
-    transformer = PixArtTransformer2DModel(
+    return pixart_pipeline(lambda: PixArtTransformer2DModel(
         num_attention_heads=2,
         attention_head_dim=16,
         in_channels=4,
@@ -72,9 +67,21 @@ def build_tiny_pixart():
         caption_channels=32,
         sample_size=32,  # 256 px; one of the sizes the pipeline's resolution binning knows
         patch_size=2,
-    )
+    ))
+
+
+def pixart_pipeline(make_transformer):
+    """A PixArt-Sigma pipeline around `make_transformer()`: a tiny T5 (width 32), a tiny VAE
+    and PixArt-Sigma's own scheduler config, built in a fixed order from PRESET_SEED."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline
+
+    from engine.presets import PRESET_SEED, _tiny_vae, tiny_tokenizer
+
+    torch.manual_seed(PRESET_SEED)
+    tokenizer = tiny_tokenizer()
+    text_encoder = _t5_encoder(len(tokenizer))
+    transformer = make_transformer()
     vae = _tiny_vae()
-    # PixArt-Sigma's own scheduler config.
     scheduler = DPMSolverMultistepScheduler(
         beta_start=0.0001,
         beta_end=0.02,
@@ -136,17 +143,9 @@ def build_tiny_sd3():
 def build_tiny_flux():
     """FLUX.1-dev-style: 1 double-stream + 1 single-stream block, guidance embedding (no CFG
     batch), latents packed 2x2 into 64-channel tokens, RoPE over (text, row, column)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextModel
+    from diffusers import FluxTransformer2DModel
 
-    from engine.presets import PRESET_SEED, _clip_config, tiny_tokenizer
-
-    torch.manual_seed(PRESET_SEED)
-    tokenizer = tiny_tokenizer()
-    tokenizer_2 = tiny_tokenizer()
-    text_encoder = CLIPTextModel(_clip_config(len(tokenizer)))
-    text_encoder_2 = _t5_encoder(len(tokenizer_2))
-    transformer = FluxTransformer2DModel(
+    return flux_pipeline(lambda: FluxTransformer2DModel(
         patch_size=1,
         in_channels=64,  # 16 latent channels x 2x2 packing
         num_layers=1,
@@ -157,7 +156,23 @@ def build_tiny_flux():
         pooled_projection_dim=32,  # CLIP pooled output width
         guidance_embeds=True,
         axes_dims_rope=(4, 6, 6),  # sums to the head dim
-    )
+    ))
+
+
+def flux_pipeline(make_transformer):
+    """A Flux pipeline around `make_transformer()`: a tiny CLIP and T5 (width 32), a tiny
+    16-channel VAE and FLUX.1-dev's scheduler, built in a fixed order from PRESET_SEED."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from transformers import CLIPTextModel
+
+    from engine.presets import PRESET_SEED, _clip_config, tiny_tokenizer
+
+    torch.manual_seed(PRESET_SEED)
+    tokenizer = tiny_tokenizer()
+    tokenizer_2 = tiny_tokenizer()
+    text_encoder = CLIPTextModel(_clip_config(len(tokenizer)))
+    text_encoder_2 = _t5_encoder(len(tokenizer_2))
+    transformer = make_transformer()
     vae = _flow_vae(FLUX_VAE)
     # FLUX.1-dev's scheduler config: the shift grows with the token count (mu).
     scheduler = FlowMatchEulerDiscreteScheduler(

@@ -16,7 +16,6 @@ published config and the module graphs against the published model on the `meta`
 
 from __future__ import annotations
 
-import torch
 
 # Published denoiser configs (benchmarks/model_configs) whose structure each preset keeps.
 PUBLISHED = {
@@ -104,98 +103,29 @@ def build_sdxl_layout():
     """SDXL base's UNet graph: 3 levels, 2 resnets per down level (3 per up level), transformer
     depth 1 / 2 / 10 (level 1 has none; the mid block has 10): 70 self-attention layers,
     70 cross-attention layers; channels 32 / 64 / 128 with 32 GroupNorm groups; two tiny CLIPs."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import UNet2DConditionModel
 
-    from engine.presets import PRESET_SEED, _clip_config, _tiny_vae, tiny_tokenizer
+    from engine.presets import sdxl_pipeline
     from engine.presets_dit import _eval
 
-    torch.manual_seed(PRESET_SEED)
-    tokenizer = tiny_tokenizer()
-    tokenizer_2 = tiny_tokenizer()
-    text_encoder = CLIPTextModel(_clip_config(len(tokenizer)))
-    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(len(tokenizer_2)))
-    unet = UNet2DConditionModel(**SDXL_UNET, **_narrowed("sdxl-layout"))
-    vae = _tiny_vae()
-    vae.register_to_config(scaling_factor=0.13025, force_upcast=False)
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        steps_offset=1,
-        timestep_spacing="leading",
-    )
-    pipe = StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
-        unet=unet,
-        scheduler=scheduler,
-        force_zeros_for_empty_prompt=True,
-    )
-    return _eval(pipe)
+    return _eval(sdxl_pipeline(lambda: UNet2DConditionModel(**SDXL_UNET, **_narrowed("sdxl-layout"))))
 
 
 def build_pixart_layout():
     """PixArt-Sigma XL/2's transformer graph: 28 adaLN-single blocks, each self-attention +
     cross-attention to T5 tokens + MLP; width 32 (2 heads x 16); a tiny T5."""
-    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+    from diffusers import PixArtTransformer2DModel
 
-    from engine.presets import PRESET_SEED, _tiny_vae, tiny_tokenizer
-    from engine.presets_dit import _eval, _t5_encoder
+    from engine.presets_dit import pixart_pipeline
 
-    torch.manual_seed(PRESET_SEED)
-    tokenizer = tiny_tokenizer()
-    text_encoder = _t5_encoder(len(tokenizer))
-    transformer = PixArtTransformer2DModel(**PIXART_SIGMA, **_narrowed("pixart-layout"))
-    vae = _tiny_vae()
-    scheduler = DPMSolverMultistepScheduler(
-        beta_start=0.0001,
-        beta_end=0.02,
-        beta_schedule="linear",
-        prediction_type="epsilon",
-        solver_order=2,
-        algorithm_type="dpmsolver++",
-    )
-    pipe = PixArtSigmaPipeline(
-        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
-    )
-    return _eval(pipe)
+    return pixart_pipeline(lambda: PixArtTransformer2DModel(**PIXART_SIGMA, **_narrowed("pixart-layout")))
 
 
 def build_flux_layout():
     """FLUX.1-dev's transformer graph: 19 double-stream (joint attention) blocks and 38
     single-stream blocks, guidance embedding; width 32 (2 heads x 16); a tiny CLIP and T5."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextModel
+    from diffusers import FluxTransformer2DModel
 
-    from engine.presets import PRESET_SEED, _clip_config, tiny_tokenizer
-    from engine.presets_dit import FLUX_VAE, _eval, _flow_vae, _t5_encoder
+    from engine.presets_dit import flux_pipeline
 
-    torch.manual_seed(PRESET_SEED)
-    tokenizer = tiny_tokenizer()
-    tokenizer_2 = tiny_tokenizer()
-    text_encoder = CLIPTextModel(_clip_config(len(tokenizer)))
-    text_encoder_2 = _t5_encoder(len(tokenizer_2))
-    transformer = FluxTransformer2DModel(**FLUX1_DEV, **_narrowed("flux-layout"))
-    vae = _flow_vae(FLUX_VAE)
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
-    pipe = FluxPipeline(
-        scheduler=scheduler,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=tokenizer_2,
-        transformer=transformer,
-    )
-    return _eval(pipe)
+    return flux_pipeline(lambda: FluxTransformer2DModel(**FLUX1_DEV, **_narrowed("flux-layout")))

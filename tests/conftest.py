@@ -76,6 +76,18 @@ def pool():
 
 
 @pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads; on a shared 2-core machine two
+    threads made a 2-step run ~100x slower (5 s vs 50 ms) while other jobs ran."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
 def ray_env():
     """Ray on loopback, its files under a short private directory (unix socket paths are
     limited to ~107 characters), no auth token in the home directory."""

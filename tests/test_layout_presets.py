@@ -22,13 +22,7 @@ LAYOUTS = list(KEYS)
 PIXELS = 256  # census resolution: 32x32 latents
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """As in test_dit_presets: intra-op threads only slow tiny models on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one thread
 
 
 @pytest.fixture(scope="module")
