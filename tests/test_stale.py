@@ -54,6 +54,21 @@ def test_patch_is_as_faithful_as_distrifusion_on_tiny_sdxl(pool):
     assert MIN_STALE_LATENT_REL_L2 / 10 < vs["latent_rel_l2"] <= DISTRIFUSION_LATENT_REL_L2, vs
 
 
+def test_extrapolated_groupnorm_runs_over_ranks_with_the_same_bytes(pool):
+    """gn_mode='extrapolated' changes what a stale step computes, not what it sends."""
+    engine = pool.parallel_engine("tiny-sdxl", 2)
+    runs = {}
+    for gn_mode in ("corrected", "extrapolated"):
+        runs[gn_mode] = engine.generate(
+            "a red circle", height=SIZE, width=SIZE, num_inference_steps=8, seed=1, compare_serial=True,
+            progress=False, parallel=ParallelConfig(strategy="patch", cfg_split=False, warmup_steps=2, gn_mode=gn_mode))
+    corrected, extrapolated = runs["corrected"], runs["extrapolated"]
+    assert extrapolated.report["vs_serial"]["psnr_db"] > PSNR_THRESHOLD_DB, extrapolated.report["vs_serial"]
+    assert not torch.equal(torch.as_tensor(corrected.latents), torch.as_tensor(extrapolated.latents))
+    sent = [[s["bytes_sent"] for s in part["per_step"]] for part in corrected.report["per_rank"]]
+    assert sent == [[s["bytes_sent"] for s in part["per_step"]] for part in extrapolated.report["per_rank"]]
+
+
 def test_corrected_groupnorm_is_exact_when_every_band_changes_like_this_one():
     """The rule assumes every band's E[x] and E[x^2] moved like this band's; when that holds
     it must give the fresh global statistics exactly (the old w_i-weighted rule did not)."""
