@@ -36,8 +36,8 @@ Host time (Python, hooks, dispatch, launches) per step is a term of its own (`Ho
   isolated ranks of the layout presets (`benchmarks/isolated.py`: the published module
   graphs at narrow widths, since host cost follows layers and calls, not widths), times a
   named CPU-speed factor (1.0 = this machine), plus LAUNCH_S per top-level ATen operator
-  (the dispatch and kernel launch a GPU adds; an assumption until `make gpu-check`
-  measures it). The GPU waits where that exceeds the step's GPU work:
+  that runs a kernel (views and allocations launch nothing; the dispatch and launch a GPU
+  adds, an assumption until `make gpu-check` measures it). The GPU waits where that exceeds the step's GPU work:
   step = max(GPU step, host step).
 """
 
@@ -136,7 +136,7 @@ class HostTerm:
 
     mode: str = "graphs"
     cpu_factor: float = 1.0  # host seconds there per host second on the measuring machine
-    table: tuple = ()  # ((key, strategy, n), (host_s, aten_ops)) pairs
+    table: tuple = ()  # ((key, strategy, n), (host_s, kernel-launching ATen ops)) pairs
 
     @classmethod
     def load(cls, path: str = HOST_TIMES, mode: str = "eager", cpu_factor: float = 1.0) -> "HostTerm":
@@ -156,7 +156,8 @@ class HostTerm:
                 continue
             point = (keys[r["model"]], r["strategy"], r["world_size"])
             old = table.get(point, (0.0, 0))
-            table[point] = (max(old[0], r["host_s"]), max(old[1], r["aten_ops_per_step"]))
+            ops = r.get("kernel_ops_per_step", r["aten_ops_per_step"])  # views launch nothing
+            table[point] = (max(old[0], r["host_s"]), max(old[1], ops))
         return cls(mode, cpu_factor, tuple(sorted(table.items())))
 
     def seconds(self, key: str, strategy: str, n: int) -> float:

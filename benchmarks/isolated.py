@@ -44,8 +44,8 @@ STEP_MARK = "tessera.isolated.step"
 HEADER = (
     "| model | size | strategy | ranks | slowest rank step (ms) | serial step (ms) | compute speed-up, 1 device/rank "
     "| host ms/step (slowest rank) | serial host ms/step | host vs serial | comm ops/step | MB sent/step "
-    "| ATen ops/step (serial) |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| ATen ops/step (serial) | of which kernels (serial) |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -111,9 +111,20 @@ def load_subject(name: str, size: int, device: torch.device, dtype: torch.dtype 
     return Subject(name, pipe, denoiser_of(pipe), call, (size // vae, size // vae), device)
 
 
-def _top_level_aten(prof) -> tuple[list[float], list[int]]:
-    """Per step mark: the seconds spent inside outermost ATen operators, and their count
-    (on a GPU each of them is at least one dispatch and kernel launch on the host)."""
+# Top-level operators that only make views or metadata (or allocate): no kernel on a GPU.
+NO_KERNEL_OPS = frozenset(
+    "aten::" + name for name in (
+        "view", "_unsafe_view", "slice", "select", "narrow", "reshape", "unsqueeze", "squeeze", "transpose",
+        "permute", "expand", "as_strided", "detach", "alias", "t", "unflatten", "flatten", "split", "chunk",
+        "unbind", "empty", "empty_like", "empty_strided", "lift_fresh", "view_as", "expand_as", "split_with_sizes",
+    )
+)
+
+
+def _top_level_aten(prof) -> tuple[list[float], list[int], list[int]]:
+    """Per step mark: the seconds spent inside outermost ATen operators, their count, and
+    the count of those that run a kernel (on a GPU each is a dispatch plus a launch; views
+    and allocations launch nothing)."""
     events = prof.events()
 
     def outermost(e):
@@ -126,12 +137,13 @@ def _top_level_aten(prof) -> tuple[list[float], list[int]]:
 
     marks = sorted((e for e in events if e.name == STEP_MARK), key=lambda e: e.time_range.start)
     ops = [e for e in events if e.name.startswith("aten::") and outermost(e)]
-    seconds, counts = [], []
+    seconds, counts, kernels = [], [], []
     for m in marks:
         inside = [o for o in ops if m.time_range.start <= o.time_range.start and o.time_range.end <= m.time_range.end]
         seconds.append(sum(o.time_range.elapsed_us() for o in inside) / 1e6)
         counts.append(len(inside))
-    return seconds, counts
+        kernels.append(sum(o.name not in NO_KERNEL_OPS for o in inside))
+    return seconds, counts, kernels
 
 
 def _run_steps(subject: Subject, steps: int, request, profile: bool = False) -> list[dict]:
@@ -167,24 +179,32 @@ def _run_steps(subject: Subject, steps: int, request, profile: bool = False) -> 
 @torch.no_grad()
 def measure(subject: Subject, steps: int, steady_from: int, request=contextlib.nullcontext) -> dict:
     """One unrecorded request, one timed request and one profiled request (ATen time on
-    CPU, and the count of top-level ATen operators per step everywhere)."""
+    CPU, and the count of top-level ATen operators per step everywhere).
+
+    Host time on CPU is bracketed: the profiler adds its own cost to every operator, partly
+    inside the operators' recorded time and partly outside, so the timed wall minus the
+    profiled ATen time is a lower bound (`host_low_s`) and the profiled wall minus it an
+    upper bound (`host_s`, the one reported and fed to the cost model: the conservative one)."""
     _run_steps(subject, steps, request)
     timed = _run_steps(subject, steps, request)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        _run_steps(subject, steps, request, profile=True)
-    aten_s, aten_ops = _top_level_aten(prof)
+        profiled = _run_steps(subject, steps, request, profile=True)
+    aten_s, aten_ops, kernel_ops = _top_level_aten(prof)
     if subject.device.type == "cuda":
         work = [s["gpu_s"] for s in timed]
-        host = [s["issue_s"] for s in timed]
+        host = low = [s["issue_s"] for s in timed]
     else:
         work = aten_s
-        host = [max(0.0, s["wall_s"] - a) for s, a in zip(timed, work)]
+        host = [max(0.0, p["wall_s"] - a) for p, a in zip(profiled, work)]
+        low = [max(0.0, t["wall_s"] - a) for t, a in zip(timed, work)]
     steady = slice(steady_from, steps)
     return {
         "step_s": statistics.median(s["wall_s"] for s in timed[steady]),
         "work_s": statistics.median(work[steady]),
         "host_s": statistics.median(host[steady]),
+        "host_low_s": statistics.median(low[steady]),
         "aten_ops_per_step": int(statistics.median(aten_ops[steady])),
+        "kernel_ops_per_step": int(statistics.median(kernel_ops[steady])),
         "per_step_wall_s": [s["wall_s"] for s in timed],
     }
 
@@ -294,6 +314,8 @@ def summarize(records: list[dict]) -> list[dict]:
             "host_s": host, "serial_host_s": ref["host_s"], "host_vs_serial": host / ref["host_s"] if ref["host_s"] else None,
             "aten_ops_per_step": max(r["aten_ops_per_step"] for r in ranks),
             "serial_aten_ops_per_step": ref["aten_ops_per_step"],
+            "kernel_ops_per_step": max(r["kernel_ops_per_step"] for r in ranks),
+            "serial_kernel_ops_per_step": ref["kernel_ops_per_step"],
             "ops_per_step": max(r["ops_per_step"] for r in ranks),
             "bytes_sent_per_step": max(r["bytes_sent_per_step"] for r in ranks),
         })
@@ -308,12 +330,13 @@ def table(summary: list[dict], records: list[dict]) -> str:
             f"| {s['model']} | {s['size']} | {s['strategy']} | {s['world_size']} | {s['slowest_step_s'] * 1e3:.1f} "
             f"| {s['serial_step_s'] * 1e3:.1f} | {s['compute_speedup']:.2f}x | {s['host_s'] * 1e3:.1f} "
             f"| {s['serial_host_s'] * 1e3:.1f} | {ratio} | {s['ops_per_step']} | {s['bytes_sent_per_step'] / 1e6:.2f} "
-            f"| {s['aten_ops_per_step']} ({s['serial_aten_ops_per_step']}) |")
+            f"| {s['aten_ops_per_step']} ({s['serial_aten_ops_per_step']}) "
+            f"| {s['kernel_ops_per_step']} ({s['serial_kernel_ops_per_step']}) |")
     if records:
         r = records[0]
         lines.append(f"\nIsolated ranks: one rank alone with {r['threads']} threads on {r['device']} ({r['dtype']}), "
                      f"{r['steps']} denoiser calls per request; steady steps only. Host = "
-                     + ("wall - top-level ATen time (torch.profiler)." if r["device"] == "cpu" else
+                     + ("the profiled wall - top-level ATen time (torch.profiler), an upper bound." if r["device"] == "cpu" else
                         "time to issue a step; step = wall after synchronising."))
     return "\n".join(lines) + "\n"
 

@@ -69,6 +69,9 @@ class IsolatedExchange(StaleExchange):
         self._next = 0  # every request replays the recording from its start
 
     def end_request(self) -> None:
+        if self.replay is not None and self._next != len(self.replay):
+            done, self._next = self._next, 0
+            raise RuntimeError(f"the isolated rank issued {done} operations, the recorded run {len(self.replay)}")
         self._next = 0
 
     def _replayed(self, recv: torch.Tensor) -> bool:

@@ -33,7 +33,7 @@ class PatchContext:
     def __init__(self, topo: Topology, stats: CommStats, make_exchange=None, role: str = "denoise"):
         # make_exchange(group, ranks, rank, stats, label): real exchanges by default; an
         # isolated rank passes comms.isolated's (the layers cannot tell the difference).
-        # Labels name an exchange across runs: "<role>.world", "<role>.patch-0-1".
+        # Labels name an exchange across runs: "<role>.world-2", "<role>.patch-0-1".
         self._make_exchange = make_exchange or exchange_factory()
         self.role = role
         self.topo = topo
@@ -54,7 +54,8 @@ class PatchContext:
         self.topo = topo
         self._exchanges = {}
         self.world_exchange = (
-            self._make_exchange(topo.world, range(topo.world_size), topo.rank, self.stats, f"{self.role}.world")
+            self._make_exchange(topo.world, range(topo.world_size), topo.rank, self.stats,
+                                f"{self.role}.world-{topo.world_size}")
             if topo.distributed else None
         )
 
