@@ -79,11 +79,11 @@ class PatchGroupNorm(SwappedLayer, nn.GroupNorm):
         g_mean, g_var = pooled(weights, stats[..., 0], stats[..., 1])
         extrapolated = ctx.layout.config.gn_mode == "extrapolated"
         if not sync:
-            own = stats[ctx.index]
-            seen = torch.stack([g_mean, g_var, own[..., 0], own[..., 1]])
-            if extrapolated:
-                seen = self._extrapolated(seen, ctx.step, sync=False)
-            g_mean, g_var = corrected(seen[0], seen[1], mean, var, seen[2], seen[3])
+            own_mean, own_var = stats[ctx.index].unbind(-1)
+            if extrapolated:  # one stacked tensor of the four, so one lerp predicts them all
+                seen = torch.stack([g_mean, g_var, own_mean, own_var])
+                g_mean, g_var, own_mean, own_var = self._extrapolated(seen, ctx.step, sync=False).unbind(0)
+            g_mean, g_var = corrected(g_mean, g_var, mean, var, own_mean, own_var)
         elif extrapolated:  # remember what this step saw for the first stale steps
             self._extrapolated(torch.stack([g_mean, g_var, mean, var]), ctx.step, sync=True)
 
