@@ -245,7 +245,8 @@ class IsolatedRanks:
 
     def measure(self, config, world: int, rank: int, steps: int, cfg_split: bool = False) -> dict:
         self.place(world, rank)
-        steady_from = 1 if config.strategy == "patch-sync" else config.warmup_steps
+        # the first stale step runs slot by slot and records the buckets (comms.buckets)
+        steady_from = 1 if config.strategy == "patch-sync" else config.warmup_steps + 1
         if steady_from >= steps:
             raise ValueError(f"{steps} steps leave no steady step after {steady_from}")
         out = measure(self.subject, steps, steady_from, lambda: self.request(config, cfg_split))

@@ -12,8 +12,14 @@ flag saying whether this step is synchronous:
 
 Two shapes of exchange exist: an all-gather among the members (uneven sizes are padded
 on the wire and never seen by the caller) and a neighbour exchange with the previous and
-next member by point-to-point. Small all-gathers can be coalesced: their stale posts are
-staged and sent as one collective when the step ends (`flush`).
+next member by point-to-point.
+
+Stale posts are bucketed (`comms.buckets`): the first stale step of a request runs slot by
+slot (one operation per post; small coalesced all-gathers go as one collective when the
+step ends, `flush`) and records the sequence of posts; every later stale step writes into
+static buffers and launches a few bucketed operations. Synchronous steps always run slot
+by slot: their results are needed at once. A stale view returned by a call is valid until
+the exchange's next call (buffers are reused).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from comms.buckets import BucketPlan, Post
 from comms.stats import CommStats, nbytes
 
 
@@ -46,10 +53,11 @@ class _Slot:
         self.kind = kind  # what is exchanged, for the byte accounting
         self.pending: _Pending | None = None
         self.ready = None  # result of the last completed exchange
+        self.entry = None  # its place in a bucket, when its last post went there
 
     @property
     def has_view(self) -> bool:
-        return self.pending is not None or self.ready is not None
+        return self.pending is not None or self.ready is not None or self.entry is not None
 
 
 class StaleExchange:
@@ -63,6 +71,17 @@ class StaleExchange:
         self.stats = stats
         self._slots: dict[str, _Slot] = {}
         self._bucket: list = []  # (slot, padded flat tensor, shapes) staged for flush()
+        self.bucket_bytes: int | None = None  # bytes per phase; None: `phases` equal phases
+        self.phases = 3
+        self.bucketing = True  # False: every stale post is its own operation
+        self._recording: list[Post] = []  # the posts of the first stale step
+        self._plan: BucketPlan | None = None
+
+    def configure(self, bucket_mb: float | None) -> None:
+        """Per request: None buckets a step's posts into three phases of about equal
+        bytes, a positive number into phases of about that many MB, 0 not at all."""
+        self.bucketing = bucket_mb != 0
+        self.bucket_bytes = None if bucket_mb is None else int(bucket_mb * 2**20)
 
     # -- bookkeeping -------------------------------------------------------------
     def reset(self) -> None:
@@ -70,8 +89,12 @@ class StaleExchange:
         for slot in self._slots.values():
             if slot.pending is not None:
                 self._wait(slot.pending)
+        if self._plan is not None:
+            self._plan.wait_all()
         self._slots = {}
         self._bucket = []
+        self._recording = []
+        self._plan = None
 
     def end_request(self) -> None:
         """Called once every operation of a request has completed (hook for subclasses)."""
@@ -97,7 +120,7 @@ class StaleExchange:
         slot.ready = view
 
     def _wait(self, pending: _Pending):
-        device = pending.keep_alive[0].device if pending.keep_alive and pending.keep_alive[0] is not None else None
+        device = next((t.device for t in pending.keep_alive if t is not None), None)
         with self.stats.waiting(device):
             for work in pending.works:
                 work.wait()
@@ -125,6 +148,64 @@ class StaleExchange:
         self.stats.event("post", slot.name, slot.pending.posted_step)
         return stale
 
+    # -- bucketed stale posts ----------------------------------------------------------
+    def _record(self, post: Post) -> None:
+        if self.bucketing and self._plan is None:
+            self._recording.append(post)
+
+    def _read_stale(self, slot: _Slot):
+        """The slot's stale view, wherever its last post went; then the slot is empty."""
+        if slot.pending is not None or slot.ready is not None:
+            view = self._fetch(slot)
+        else:
+            slot.entry.bucket.wait()
+            view = slot.entry.recv
+        slot.ready, slot.entry = None, None
+        return view
+
+    def _bucketed(self, slot: _Slot):
+        """(entry, stale view) of a stale post in a bucketed step, or None when this step
+        runs slot by slot."""
+        plan = self._plan
+        if plan is None or not slot.has_view:
+            return None
+        plan.launch_due()  # the previous slot's caller is done with its view
+        entry = plan.expect(slot)
+        stale = self._read_stale(slot)
+        entry.bucket.wait()  # its send buffer is free again
+        slot.entry = entry
+        return entry, stale
+
+    def send_view(self, name: str) -> torch.Tensor | None:
+        """Where slot `name`'s next stale post will be sent from, when it goes into a
+        bucket: a caller that computes its tensor straight into this view saves a copy
+        (then passes the view itself to the call). None when the post is not bucketed."""
+        plan = self._plan
+        slot = self._slots.get(name)
+        if plan is None or slot is None or plan.cursor >= len(plan.sequence):
+            return None
+        entry = plan.sequence[plan.cursor]
+        if entry.post.slot is not slot or entry.post.wire != "gather":
+            return None
+        entry.bucket.wait()  # the buffer is free once last step's operation completed
+        return entry.send[0]
+
+    def _build_plan(self) -> None:
+        posts, self._recording = self._recording, []
+        if not posts or self._plan is not None:
+            return
+        if len({p.slot.name for p in posts}) != len(posts):
+            self.bucketing = False  # a slot posted twice in a step: keep slot by slot
+            return
+        weights = self._agree([p.weight() for p in posts], posts[0].device)
+        self._plan = BucketPlan(self, posts, weights, self.bucket_bytes, self.phases)
+
+    def _agree(self, weights: list[int], device) -> list[int]:
+        """The element-wise maximum over the members (one collective, once per request)."""
+        t = torch.tensor(weights, dtype=torch.int64, device=device)
+        self._wire_max(t)
+        return t.tolist()
+
     # -- all-gather ----------------------------------------------------------------
     def all_gather(
         self,
@@ -134,19 +215,34 @@ class StaleExchange:
         sync: bool,
         coalesce: bool = False,
         kind: str = "other",
-    ) -> list[torch.Tensor]:
-        """Every member's tensor, in member order; `shapes[j]` is member j's shape."""
+        stacked: bool = False,
+    ):
+        """Every member's tensor, in member order; `shapes[j]` is member j's shape.
+        `stacked` (equal shapes): one (members, ...) tensor instead of a list."""
         shapes = [torch.Size(s) for s in shapes]
         if tuple(tensor.shape) != tuple(shapes[self.index]):
             raise ValueError(f"slot {name}: tensor {tuple(tensor.shape)} != declared {tuple(shapes[self.index])}")
         slot = self._slot(name, kind)
+        if not sync:
+            bucketed = self._bucketed(slot)
+            if bucketed is not None:
+                entry, stale = bucketed
+                if entry.send[0].data_ptr() != tensor.data_ptr():
+                    entry.send[0].copy_(tensor)
+                self._plan.written(entry)
+                if stacked:
+                    return entry.stacked if entry.stacked is not None and stale is entry.recv else torch.stack(stale)
+                return stale
+            if slot.has_view:
+                self._record(Post(slot, "gather", tensor.dtype, tensor.device, shapes=shapes))
         if coalesce and not sync and slot.has_view:
             stale = self._fetch(slot)
             slot.ready = None
             self._bucket.append((slot, tensor.detach().reshape(-1).clone(), shapes))
             self.stats.event("stage", slot.name, self.stats.step)
-            return stale
-        return self._run(slot, lambda: self._issue_all_gather([tensor], [shapes], [slot.kind])[0], sync)
+        else:
+            stale = self._run(slot, lambda: self._issue_all_gather([tensor], [shapes], [slot.kind])[0], sync)
+        return torch.stack(list(stale)) if stacked else stale
 
     def _issue_all_gather(self, tensors: list[torch.Tensor], shapes_list: list[list[torch.Size]], kinds: list[str]):
         """One all-gather carrying several tensors; returns one _Pending per tensor."""
@@ -180,7 +276,16 @@ class StaleExchange:
         return pendings
 
     def flush(self) -> None:
-        """Send the staged (coalesced) stale posts of this step as one collective per dtype."""
+        """End of a step: launch what is still due (bucketed steps), or send the staged
+        (coalesced) stale posts as one collective per dtype and, after the first stale
+        step, build the buckets from what it posted."""
+        if self._plan is not None:
+            self._plan.end_step()
+            return
+        self._flush_coalesced()
+        self._build_plan()
+
+    def _flush_coalesced(self) -> None:
         by_dtype: dict = {}
         for item in self._bucket:
             by_dtype.setdefault(item[1].dtype, []).append(item)
@@ -197,6 +302,10 @@ class StaleExchange:
     def _wire_all_gather(self, recv: torch.Tensor, send: torch.Tensor):
         """Start an all-gather of `send` (equal sizes) into `recv`; returns its work handle."""
         return _all_gather_single(recv, send, group=self.group, async_op=True)
+
+    def _wire_max(self, tensor: torch.Tensor) -> None:
+        """Element-wise maximum over the members, in place (blocking)."""
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group)
 
     def _wire_p2p(self, ops: list) -> list:
         """Start a batch of point-to-point ops, each ("send" | "recv", tensor, peer, tag)."""
@@ -223,6 +332,27 @@ class StaleExchange:
         tensors take the dtype and device of `like`.
         """
         slot = self._slot(name, kind)
+        if not sync:
+            bucketed = self._bucketed(slot)
+            if bucketed is not None:
+                entry, stale = bucketed
+                for view, t in zip(entry.send, (to_prev, to_next)):
+                    if view is not None:
+                        view.copy_(t)
+                self._plan.written(entry)
+                return stale
+            if slot.has_view:
+                def message(t, exists):
+                    return torch.Size(t.shape) if exists and t is not None and t.numel() > 0 else None
+
+                def expected(shape, exists):
+                    return torch.Size(shape) if exists and shape is not None and torch.Size(shape).numel() > 0 else None
+
+                has_prev, has_next = self.index > 0, self.index < self.size - 1
+                self._record(Post(slot, "p2p", like.dtype, like.device,
+                                  to_prev=message(to_prev, has_prev), to_next=message(to_next, has_next),
+                                  from_prev=expected(from_prev_shape, has_prev),
+                                  from_next=expected(from_next_shape, has_next)))
 
         def issue() -> _Pending:
             ops, sent, received = [], 0, 0
@@ -251,7 +381,7 @@ class StaleExchange:
                     received += nbytes(recv_next)
             works = self._wire_p2p(ops) if ops else []
             if ops:
-                self.stats.record_op(sent, received, ops=len(ops), kind=slot.kind)
+                self.stats.record_op(sent, received, kind=slot.kind)  # one batch: one operation
             return _Pending(works, lambda: (recv_prev, recv_next), self.stats.step, (send_prev, send_next))
 
         return self._run(slot, issue, sync)

@@ -60,6 +60,7 @@ class Topology:
     cfg_groups: list = field(default_factory=list)
     timeout_s: float = DEFAULT_TIMEOUT_S
     _side: object = None
+    _output: object = None
 
     def side_group(self):
         """A second group over every rank, for traffic that must not queue behind the main
@@ -69,6 +70,16 @@ class Topology:
             self._side = dist.new_group(list(range(self.world_size)),
                                         timeout=datetime.timedelta(seconds=self.timeout_s))
         return self._side
+
+    def output_group(self):
+        """A group over every rank for the denoiser's prediction gather, so it never queues
+        behind the stale posts of the step on the patch communicator (NCCL runs one
+        communicator's operations in order). Created on first use like `side_group`;
+        None without a process group (isolated ranks)."""
+        if self._output is None and self.distributed and dist.is_initialized():
+            self._output = dist.new_group(list(range(self.world_size)),
+                                          timeout=datetime.timedelta(seconds=self.timeout_s))
+        return self._output
 
     @property
     def distributed(self) -> bool:

@@ -49,6 +49,10 @@ class RecordingExchange(StaleExchange):
         self.received.append(recv)
         return work
 
+    def _wire_max(self, tensor):
+        super()._wire_max(tensor)
+        self.received.append(tensor)
+
     def _wire_p2p(self, ops):
         works = super()._wire_p2p(ops)
         self.received.extend(t for op, t, _, _ in ops if op == "recv")
@@ -93,6 +97,9 @@ class IsolatedExchange(StaleExchange):
         else:
             rows.copy_(send)
         return _Done()
+
+    def _wire_max(self, tensor):
+        self._replayed(tensor)  # without a replay: this rank's own values
 
     def _wire_p2p(self, ops):
         for op, tensor, _, _ in ops:

@@ -48,7 +48,9 @@ def _project_qkv(attn, states: torch.Tensor, text: bool = False):
 def _exchange_image_kv(ctx, name: str, key: torch.Tensor, value: torch.Tensor):
     """(batch, band tokens, heads, dim) K and V -> the K and V of the tokens attended to."""
     heads = key.shape[2]
-    kv = torch.cat([key.flatten(2), value.flatten(2)], dim=-1)
+    send = None if ctx.sync or ctx.pcpp else ctx.exchange.send_view(name)  # project straight into the bucket
+    parts = [key.flatten(2), value.flatten(2)]
+    kv = torch.cat(parts, dim=-1, out=send) if send is not None else torch.cat(parts, dim=-1)
     full = band_kv(ctx, name, kv)
     split = key.shape[2] * key.shape[3]
     return full[..., :split].unflatten(-1, (heads, -1)), full[..., split:].unflatten(-1, (heads, -1))

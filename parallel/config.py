@@ -51,6 +51,10 @@ class ParallelConfig:
                    models) or "sync" (exact all-gather of statistics every step).
     cfg_split:     put the unconditional and conditional halves of a guided batch on two
                    rank groups; None = on whenever guidance is used and world_size is even.
+    bucket_mb:     stale posts per step are sent in a few bucketed operations on static
+                   buffers: None cuts each step into three phases of about equal bytes,
+                   a positive number into phases of about that many MB, 0 sends every
+                   layer's post as its own operation (slower; for comparison).
     comm_timeout_s: bound on any collective; a vanished peer becomes an error, not a hang.
     trace_comms:   record every post and wait of stale exchanges in the report.
     threads_per_rank: CPU threads per spawned rank (None: cores / local ranks).
@@ -67,6 +71,7 @@ class ParallelConfig:
     asg_staleness: int = 1
     gn_mode: str = "corrected"
     cfg_split: bool | None = None
+    bucket_mb: float | None = None
     comm_timeout_s: float = 120.0
     trace_comms: bool = False
     threads_per_rank: int | None = None
@@ -101,6 +106,9 @@ class ParallelConfig:
             raise ConfigError(f"unknown gn_mode {self.gn_mode!r}; choose one of {', '.join(GN_MODES)}")
         if self.cfg_split is not None and not isinstance(self.cfg_split, bool):
             raise ConfigError(f"cfg_split must be True, False or None (auto), got {self.cfg_split!r}")
+        mb = self.bucket_mb
+        if mb is not None and (isinstance(mb, bool) or not isinstance(mb, (int, float)) or mb < 0):
+            raise ConfigError(f"bucket_mb must be None, 0 or a positive number of MB, got {mb!r}")
         if self.comm_timeout_s <= 0:
             raise ConfigError("comm_timeout_s must be positive")
         if self.threads_per_rank is not None and self.threads_per_rank < 1:

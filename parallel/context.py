@@ -53,8 +53,9 @@ class PatchContext:
         through every rank of every world size): the exchanges of the old one are dropped."""
         self.topo = topo
         self._exchanges = {}
+        # the prediction gather's own communicator: see Topology.output_group
         self.world_exchange = (
-            self._make_exchange(topo.world, range(topo.world_size), topo.rank, self.stats,
+            self._make_exchange(topo.output_group(), range(topo.world_size), topo.rank, self.stats,
                                 f"{self.role}.world-{topo.world_size}")
             if topo.distributed else None
         )
@@ -71,6 +72,7 @@ class PatchContext:
                 self._exchanges[key] = self._make_exchange(group, ranks, self.topo.rank, self.stats, label)
             exchange = self._exchanges[key]
             exchange.reset()
+            exchange.configure(config.bucket_mb)
         group_index = self.topo.rank // len(ranks) if cfg_split else 0
         self.layout = RequestLayout(config, plan, cfg_split, group_index, ranks.index(self.topo.rank), exchange)
         self._weights = {}

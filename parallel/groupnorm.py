@@ -39,9 +39,8 @@ GN_EXTRAPOLATION = 0.25
 
 def pooled(weights: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Global (mean, var) of bands with pixel shares `weights` (m,) and stats (m, b, g)."""
-    weights = weights.view(-1, 1, 1)
-    g_mean = (weights * mean).sum(0)
-    g_var = (weights * (var + (mean - g_mean) ** 2)).sum(0)
+    g_mean = torch.tensordot(weights, mean, dims=1)
+    g_var = torch.tensordot(weights, var + (mean - g_mean).square(), dims=1)
     return g_mean, g_var
 
 
@@ -55,7 +54,7 @@ def corrected(stale_mean, stale_var, fresh_mean, fresh_var, own_stale_mean, own_
     """
     d = fresh_mean - own_stale_mean
     mean = stale_mean + d
-    var = stale_var + (fresh_var - own_stale_var) + 2 * d * (own_stale_mean - stale_mean)
+    var = torch.addcmul(stale_var + (fresh_var - own_stale_var), d, own_stale_mean - stale_mean, value=2)
     return mean, torch.where(var < 0, fresh_var, var)
 
 
@@ -64,17 +63,19 @@ class PatchGroupNorm(SwappedLayer, nn.GroupNorm):
         ctx = self._row_split()
         if ctx is None:
             return super().forward(x)
-        b, c = x.shape[:2]
+        b = x.shape[0]
         g = self.num_groups
-        grouped = x.float().reshape(b, g, -1)
+        grouped = x.reshape(b, g, -1)
+        if grouped.dtype != torch.float32:
+            grouped = grouped.float()  # statistics in float32 whatever the model dtype
         var, mean = torch.var_mean(grouped, dim=-1, unbiased=False)
-        local = torch.stack([mean, var], dim=-1)  # (b, g, 2), float32 whatever the model dtype
 
         sync = ctx.gn_sync
-        gathered = ctx.exchange.all_gather(
-            self._tessera_name, local, [local.shape] * ctx.members, sync=sync, coalesce=True, kind="gn"
+        send = None if sync else ctx.exchange.send_view(self._tessera_name)  # stack straight into the bucket
+        local = torch.stack([mean, var], dim=-1, out=send) if send is not None else torch.stack([mean, var], dim=-1)
+        stats = ctx.exchange.all_gather(  # (m, b, g, 2): fresh when sync, else last step's
+            self._tessera_name, local, [local.shape] * ctx.members, sync=sync, coalesce=True, kind="gn", stacked=True
         )
-        stats = torch.stack(list(gathered))  # (m, b, g, 2): fresh when sync, else last step's
         weights = ctx.band_weights(x.device)
         g_mean, g_var = pooled(weights, stats[..., 0], stats[..., 1])
         extrapolated = ctx.layout.config.gn_mode == "extrapolated"
@@ -86,13 +87,32 @@ class PatchGroupNorm(SwappedLayer, nn.GroupNorm):
             g_mean, g_var = corrected(g_mean, g_var, mean, var, own_mean, own_var)
         elif extrapolated:  # remember what this step saw for the first stale steps
             self._extrapolated(torch.stack([g_mean, g_var, mean, var]), ctx.step, sync=True)
+        return self._normalise(x, g_mean, g_var)
 
-        normed = (grouped - g_mean.unsqueeze(-1)) * torch.rsqrt(g_var.unsqueeze(-1) + self.eps)
-        out = normed.reshape(x.shape)
-        if self.affine:  # in float32, then one rounding to the model dtype
-            shape = (1, c) + (1,) * (x.dim() - 2)
-            out = out * self.weight.float().view(shape) + self.bias.float().view(shape)
-        return out.to(x.dtype)
+    def _normalise(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+        """(x - mean) / sqrt(var + eps) * weight + bias with the (b, g) float32 statistics
+        given, as one kernel over x: an inference batch norm over (1, b * c) channels, which
+        computes in float32 and rounds once to x's dtype, as the serial GroupNorm does."""
+        b, c = x.shape[:2]
+        per_group = c // self.num_groups
+        stats = torch.stack([mean, var]).repeat_interleave(per_group, dim=2).view(2, b * c)
+        weight, bias = self._affine_for(b)
+        out = torch.batch_norm(x.reshape(1, b * c, -1), weight, bias, stats[0], stats[1], False, 0.0, self.eps, False)
+        return out.view(x.shape)
+
+    def _affine_for(self, batch: int):
+        """The affine parameters repeated over the batch, in float32; cached, and rebuilt
+        whenever the parameters are replaced or modified in place (their version moves)."""
+        if not self.affine:
+            return None, None
+        key = (batch, self.weight.data_ptr(), self.weight._version, self.bias.data_ptr(), self.bias._version)
+        cached = getattr(self, "_tessera_affine", None)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                weight = self.weight.detach().float().repeat(batch)
+                bias = self.bias.detach().float().repeat(batch)
+            self._tessera_affine = cached = (key, weight, bias)
+        return cached[1], cached[2]
 
     def _extrapolated(self, stats: torch.Tensor, step: int, sync: bool) -> torch.Tensor:
         """Stale statistics predicted one step ahead from the ones seen a step earlier.

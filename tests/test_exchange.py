@@ -1,5 +1,6 @@
 """StaleExchange on real gloo process groups: values, staleness, coalescing, bytes."""
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -80,3 +81,63 @@ def test_neighbour_exchange_sends_only_boundary_rows():
     assert s1["bytes_sent"] == (1 + 2) * 4 and s1["bytes_received"] == (2 + 1) * 4
     assert s0["bytes_sent"] == 2 * 4 and s0["bytes_received"] == 1 * 4
 
+
+
+def _mixed_steps(rank, world, bucket_mb, steps=5):
+    """Three slots of two dtypes and both wire shapes, one synchronous step, then stale."""
+    stats = CommStats()
+    ex = StaleExchange(dist.group.WORLD, range(world), rank, stats)
+    ex.configure(bucket_mb)
+    first, last = rank == 0, rank == world - 1
+    seen, pointers = [], []
+    for step in range(steps):
+        stats.step = step
+        sync = step == 0
+        kv = torch.full((2, rank + 1, 3), 10.0 * step + rank)  # uneven across members
+        parts = ex.all_gather("kv", kv, [torch.Size((2, j + 1, 3)) for j in range(world)], sync=sync, kind="kv")
+        halo = torch.full((1, 2), 100.0 * step + rank, dtype=torch.bfloat16)
+        above, below = ex.neighbours("halo", halo, to_prev=None if first else halo, to_next=None if last else halo,
+                                     from_prev_shape=None if first else torch.Size((1, 2)),
+                                     from_next_shape=None if last else torch.Size((1, 2)), sync=sync, kind="halo")
+        # a stale view is valid until the exchange's next call: read it now, as layers do
+        above, below = (None if t is None else t[0, 0].item() for t in (above, below))
+        stats_in = torch.full((4,), step + rank / 10)
+        gn = ex.all_gather("gn", stats_in, [stats_in.shape] * world, sync=sync, coalesce=True, kind="gn", stacked=True)
+        seen.append(([p[0, 0, 0].item() for p in parts], above, below, gn[:, 0].tolist()))
+        pointers.append(parts[0].data_ptr())
+        ex.flush()
+    ex.reset()
+    return seen, [s["collectives"] for s in stats.per_step()], pointers, [s["bytes_sent"] for s in stats.per_step()]
+
+
+def test_bucketed_steps_equal_slot_by_slot_with_few_operations_on_static_buffers():
+    world = 3
+    slot_by_slot = run_ranks(_mixed_steps, world, 0)
+    bucketed = run_ranks(_mixed_steps, world, 100.0)  # one phase: one all-gather + one neighbour batch
+    for rank in range(world):
+        seen, ops, pointers, sent = bucketed[rank]
+        assert seen == slot_by_slot[rank][0]
+        for step in range(1, 5):  # stale: what every member posted one step earlier
+            assert seen[step][0] == [10.0 * (step - 1) + j for j in range(world)]
+            assert seen[step][3] == pytest.approx([step - 1 + j / 10 for j in range(world)])
+        assert slot_by_slot[rank][1][2:] == [3, 3, 3]  # slot by slot: one operation per post
+        assert ops[1] == 3 and ops[2:] == [2, 2, 2]  # the first stale step records, then two buckets
+        assert pointers[3] == pointers[4]  # the same receive buffer every bucketed step
+        assert sent == slot_by_slot[rank][3]  # payload bytes unchanged by the buckets
+
+
+def _reordered(rank, world):
+    stats = CommStats()
+    ex = StaleExchange(dist.group.WORLD, range(world), rank, stats)
+    names = ["a", "b"]
+    for step in range(3):
+        stats.step = step
+        for name in (reversed(names) if step == 2 else names):
+            ex.all_gather(name, torch.ones(2), [torch.Size((2,))] * world, sync=step == 0)
+        ex.flush()
+    return "no error"
+
+
+def test_a_changed_call_order_inside_a_request_is_a_clear_error():
+    with pytest.raises(Exception, match="recorded sequence"):
+        run_ranks(_reordered, 2)
