@@ -1,72 +1,87 @@
 """The only traffic of `tpp`: a chunk's latent from one pipeline rank to the next.
 
-Each message is a header (chunk index, or -1 for "the stream ends here") followed by the
-latent, whose shape both sides know from the request. Sends are asynchronous so a rank
-starts its next chunk at once; at most one send per rank is in flight (the previous one is
-waited for, on the host, before the next), which bounds memory and how far a fast rank runs
-ahead. Messages between two ranks match in order (NCCL ignores tags; gloo matches them too).
-Waits are timed on the host; on CUDA the wait includes syncing the current stream, so the
-time is the real stall.
+Each message has two parts: a control word through the rendezvous store (the chunk index,
+or STOP for "the stream ends here") and the latent by point-to-point, whose shape both
+sides know from the request. The control word lives on the host, so the receiver decides
+whether a latent follows without reading anything back from the device (no host-device
+synchronisation in a steady stream), and a receiver waiting for a slow upstream (the
+consumer holds rank 0 back) waits in the store, in short rounds, never inside a
+communicator operation that would trip its timeout. Sends are asynchronous so a rank
+starts its next chunk at once; the previous send is finished (on the stream, not the host)
+before the next. Latents between two ranks match in order (NCCL ignores tags; gloo too).
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 import torch.distributed as dist
 
 STOP = -1
-HEADER_TAG = 7201
 LATENT_TAG = 7202
+POLL_S = (0.0002, 0.005)  # a waiting receiver checks the store this often: first, and at most
+
+
+def default_store():
+    """The rendezvous store of the default process group."""
+    return dist.distributed_c10d._get_default_store()
 
 
 class ChunkLink:
-    def __init__(self, rank: int, shape, dtype, device, stats, group=None):
+    def __init__(self, rank: int, shape, dtype, device, stats, group=None, stream_id: int = 0, store=None):
         self.rank = rank  # sends to rank + 1, receives from rank - 1
         self.shape, self.dtype, self.device = tuple(shape), dtype, device
         self.stats, self.group = stats, group
-        self._in_flight = None  # (buffers, works) of the last send
+        self.store = store if store is not None else default_store()
+        self.prefix = f"tessera/tpp/{stream_id}"  # every stream has its own keys
+        self._sent = self._received = 0  # messages so far, each direction
+        self._in_flight = None  # (buffer, work) of the last send
 
-    def _wait(self, works) -> None:
-        with self.stats.waiting():  # host clock (no device): the stall this rank really sees
-            for work in works:
-                work.wait()
-            if self.device.type == "cuda":
-                torch.cuda.current_stream(self.device).synchronize()
+    def _key(self, sender: int, index: int) -> str:
+        return f"{self.prefix}/{sender}/{index}"
 
     def _finish_send(self) -> None:
         if self._in_flight is not None:
-            self._wait(self._in_flight[1])
+            with self.stats.waiting(self.device):
+                self._in_flight[1].wait()
             self._in_flight = None
 
     def send(self, chunk: int, latent: torch.Tensor | None) -> None:
         """To the next rank: `latent` of `chunk`, or (chunk=STOP, latent=None) the end."""
         self._finish_send()
-        header = torch.tensor([chunk], dtype=torch.int64, device=self.device)
-        peer = self.rank + 1
-        works = [dist.isend(header, peer, self.group, HEADER_TAG)]
-        buffers = [header]
-        sent = header.numel() * header.element_size()
-        if latent is not None:
+        sent = 0
+        if latent is not None:  # posted first: the receiver may post its receive at once
             payload = latent.detach().contiguous()
-            works.append(dist.isend(payload, peer, self.group, LATENT_TAG))
-            buffers.append(payload)
-            sent += payload.numel() * payload.element_size()
-        self.stats.record_op(sent, 0, ops=len(works), kind="chunk")
-        self._in_flight = (buffers, works)
+            self._in_flight = (payload, dist.isend(payload, self.rank + 1, self.group, LATENT_TAG))
+            sent = payload.numel() * payload.element_size()
+        self.store.set(self._key(self.rank, self._sent), str(chunk))
+        self._sent += 1
+        self.stats.record_op(sent, 0, kind="chunk")
+
+    def _control(self) -> int:
+        key = self._key(self.rank - 1, self._received)
+        self._received += 1
+        # `check`, not a timed `wait`: the wait may be long (the consumer sets the pace) and
+        # must never time out; a failed peer ends this process through comms.failure.
+        with self.stats.waiting():  # host clock: the store wait is on the host
+            pause = POLL_S[0]
+            while not self.store.check([key]):
+                time.sleep(pause)
+                pause = min(POLL_S[1], pause * 2)
+        value = int(self.store.get(key))
+        self.store.delete_key(key)
+        return value
 
     def recv(self) -> tuple[int, torch.Tensor | None]:
         """From the previous rank: (chunk, latent) or (STOP, None)."""
-        peer = self.rank - 1
-        header = torch.empty(1, dtype=torch.int64, device=self.device)
-        size = header.numel() * header.element_size()
-        self._wait([dist.irecv(header, peer, self.group, HEADER_TAG)])
-        chunk = int(header.item())
+        chunk = self._control()
         if chunk == STOP:
-            self.stats.record_op(0, size, kind="chunk")
             return STOP, None
         latent = torch.empty(self.shape, dtype=self.dtype, device=self.device)
-        self._wait([dist.irecv(latent, peer, self.group, LATENT_TAG)])
-        self.stats.record_op(0, size + latent.numel() * latent.element_size(), ops=2, kind="chunk")
+        with self.stats.waiting(self.device):  # on CUDA the compute stream waits, not the host
+            dist.irecv(latent, self.rank - 1, self.group, LATENT_TAG).wait()
+        self.stats.record_op(0, latent.numel() * latent.element_size(), kind="chunk")
         return chunk, latent
 
     def close(self) -> None:

@@ -17,6 +17,7 @@ from comms import CommStats, Topology
 from comms.collectives import all_gather_object, check_same_weights
 from engine.asg import GuidanceSchedule, asg_plan, structure_guided
 from engine.decode import decode_latents, decode_latents_parallel
+from engine import host_sync
 from engine.faults import FAULT_ENV, injected_fault_step
 from engine.fidelity import compare
 from engine.latents import spatial_latents
@@ -49,6 +50,28 @@ def _peak_memory(device: torch.device) -> int:
     except OSError:
         pass
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _host_sync_watch(cfg):
+    """The pipeline callback arming the testing hook in engine.host_sync (None when off)."""
+    if host_sync.detector() is None:
+        return None
+    first = host_sync.steady_from(cfg.strategy, cfg.warmup_steps)
+
+    def callback(pipe, step, timestep, kwargs):
+        host_sync.arm(step + 1 >= first)  # watch the steps from `first` on
+        return kwargs
+
+    return callback
+
+
+def _chain(callbacks):
+    def callback(pipe, step, timestep, kwargs):
+        for c in callbacks:
+            kwargs = c(pipe, step, timestep, kwargs)
+        return kwargs
+
+    return callback
 
 
 def _injected_fault(rank: int):
@@ -124,9 +147,9 @@ class RankRuntime:
     def _denoise(self, request: GenerateRequest) -> torch.Tensor:
         generator = torch.Generator(device="cpu").manual_seed(request.seed)
         extra = {}
-        fault = _injected_fault(self.topo.rank)
-        if fault is not None:
-            extra["callback_on_step_end"] = fault
+        callbacks = [c for c in (_injected_fault(self.topo.rank), _host_sync_watch(request.parallel)) if c]
+        if callbacks:
+            extra["callback_on_step_end"] = _chain(callbacks)
         extra.update(pipeline_call_kwargs(self.pipe))  # e.g. PixArt: exactly the requested size
         if request.negative_prompt:  # pipelines differ in their default (PixArt needs a string, not None)
             extra["negative_prompt"] = list(request.negative_prompt)
@@ -140,6 +163,7 @@ class RankRuntime:
             output_type="latent",
             **extra,
         )
+        host_sync.arm(False)  # the steps are over
         return out.images
 
     @torch.no_grad()
@@ -190,6 +214,8 @@ class RankRuntime:
         }
         if cfg.trace_comms:
             part["trace"] = list(self.stats.trace)
+        if host_sync.detector() is not None:
+            part["host_syncs"] = host_sync.take_calls()
         # Both decode paths need (B, C, H, W); Flux packs its latents into tokens.
         spatial = spatial_latents(self.pipe, latents, request.height, request.width)
         decode_start = time.perf_counter()

@@ -27,6 +27,7 @@ from comms import CommStats
 from comms.collectives import check_same_weights
 from comms.chunk_link import STOP, ChunkLink
 from engine.causal_video import ChunkKVCache
+from engine import host_sync
 from engine.faults import FAULT_ENV, injected_fault_step
 from engine.video import VideoModel, flow_sigmas, load_video_model, wan_vae_factor
 from parallel.config import ConfigError, is_int
@@ -117,10 +118,37 @@ def build_stream_request(info: VideoInfo, strategy: str, world_size: int, prompt
     return StreamRequest(prompt, num_chunks, steps, seed, height, width, kv_window, strategy, world_size)
 
 
-def _sync(device) -> None:
-    """Finish this rank's compute (only the compute stream: not the NCCL sends in flight)."""
-    if device.type == "cuda":
-        torch.cuda.current_stream(device).synchronize()
+class BusyClock:
+    """Time spent computing chunks: host time on CPU; on CUDA, events on the compute stream,
+    read once when the stream ends (one synchronisation per stream, none per chunk)."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.spans: list = []
+        self.seconds = 0.0
+        self._began = None
+
+    def start(self) -> None:
+        if self.cuda:
+            self._began = torch.cuda.Event(enable_timing=True)
+            self._began.record()
+        else:
+            self._began = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.spans.append((self._began, end))
+        else:
+            self.seconds += time.perf_counter() - self._began
+
+    def total(self) -> float:
+        if self.spans:
+            self.spans[-1][1].synchronize()
+            self.seconds += sum(a.elapsed_time(b) for a, b in self.spans) / 1000.0
+            self.spans = []
+        return self.seconds
 
 
 class VideoRuntime:
@@ -132,6 +160,7 @@ class VideoRuntime:
         self.info = video_info(self.model)
         self.dtype = next(self.model.transformer.parameters()).dtype
         self._check_same_weights()
+        self._streams = 0
 
     def _check_same_weights(self) -> None:
         if self.topo.distributed:
@@ -157,19 +186,22 @@ class VideoRuntime:
         f = model.vae_factor
         shape = (1, model.latent_channels, frames, request.height // f, request.width // f)
         stats = CommStats()
-        link = ChunkLink(rank, shape, self.dtype, device, stats) if ranks > 1 else None
-        sigmas = flow_sigmas(request.steps, spec.shift)
+        self._streams += 1  # every rank serves the same streams in order: a shared id
+        link = ChunkLink(rank, shape, self.dtype, device, stats, stream_id=self._streams) if ranks > 1 else None
+        sigmas = flow_sigmas(request.steps, spec.shift).tolist()  # host numbers: no tensor read per step
         caches = {k: ChunkKVCache(model.num_layers, request.kv_window) for k in mine}
         text = model.encode_prompt(request.prompt, device).to(self.dtype)
         generator = torch.Generator("cpu").manual_seed(request.seed) if first else None
         fault_at = injected_fault_step(rank)
-        busy = decode_s = throttled = 0.0
+        busy_clock = BusyClock(device)  # compute time, without syncing a device per chunk
+        decode_s = throttled = 0.0
         cache_chunks, cache_bytes = [], []
         start = time.perf_counter()
         chunk = 0
         try:
             while True:
                 stats.step = chunk
+                host_sync.arm(chunk >= 1)  # testing hook: watch every chunk after the first
                 if first:
                     if (request.num_chunks is not None and chunk >= request.num_chunks) or should_stop():
                         break
@@ -178,28 +210,31 @@ class VideoRuntime:
                     throttled += time.perf_counter() - wait_from
                     if should_stop():  # stopped while held back: start nothing more
                         break
-                    latent = torch.randn(shape, generator=generator, dtype=torch.float32).to(device, self.dtype)
+                    noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+                    if device.type == "cuda":
+                        noise = noise.pin_memory()  # copied to the GPU without stalling the host
+                    latent = noise.to(device, self.dtype, non_blocking=True)
                 else:
                     got, latent = link.recv()
                     if got == STOP:
                         break
                     if got != chunk:
                         raise RuntimeError(f"rank {rank} expected chunk {chunk}, received {got}")
-                began = time.perf_counter()
+                busy_clock.start()
                 with torch.no_grad():
                     for k in mine:
                         # float32 even for a bf16 model: bf16 would round the timestep (936 for 937.5)
                         t = torch.full((1,), float(sigmas[k]) * 1000.0, dtype=torch.float32, device=device)
                         flow = model.transformer.forward_chunk(latent, t, text, caches[k], frame_offset=chunk * frames)
                         latent = latent + float(sigmas[k + 1] - sigmas[k]) * flow
-                _sync(device)
-                busy += time.perf_counter() - began
+                busy_clock.stop()
                 if mine:
                     cache_chunks.append(caches[mine[0]].chunks_held)
                     cache_bytes.append(sum(c.nbytes() for c in caches.values()))
                 if chunk == fault_at:
                     raise RuntimeError(f"injected fault at chunk {chunk} ({FAULT_ENV})")
                 if last:
+                    host_sync.arm(False)  # frames go to the host: the one sync a consumer needs
                     began = time.perf_counter()
                     video = model.decode(latent)
                     decode_s += time.perf_counter() - began
@@ -219,6 +254,10 @@ class VideoRuntime:
                 link.send(STOP, None)
                 link.close()
         finally:
+            host_sync.arm(False)
+            busy = busy_clock.total()
+            if device.type == "cuda":
+                stats.resolve_cuda_waits()
             totals = stats.totals()
             elapsed = time.perf_counter() - start
             self.last_report = {
@@ -230,3 +269,5 @@ class VideoRuntime:
                 "bytes_sent": totals.bytes_sent, "bytes_received": totals.bytes_received,
                 "cache_chunks_per_chunk": cache_chunks, "cache_bytes_per_chunk": cache_bytes,
             }
+            if host_sync.detector() is not None:
+                self.last_report["host_syncs"] = host_sync.take_calls()
