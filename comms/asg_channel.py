@@ -22,6 +22,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from comms import wire
 from comms.stats import nbytes
 from parallel.asg_tiles import TilePlan
 
@@ -63,8 +64,7 @@ class StripExchange:
                 parts.append(flat[..., self.view_mine])
             message = torch.cat(parts, dim=-1).contiguous()
             buf = partial.new_empty(*lead, strip + theirs)
-            ops += [dist.P2POp(dist.isend, message, s, self.group, STRIP_TAG),
-                    dist.P2POp(dist.irecv, buf, s, self.group, STRIP_TAG)]
+            ops += [("send", message, s, STRIP_TAG), ("recv", buf, s, STRIP_TAG)]
             sent += nbytes(message)
             received += nbytes(buf)
             recvs[s] = (buf, strip)
@@ -72,7 +72,7 @@ class StripExchange:
             return partial, down
         self.stats.record_op(sent, received, ops=len(ops), kind="tiles")
         with self.stats.waiting(partial.device):
-            for work in dist.batch_isend_irecv(ops):
+            for work in wire.batch_p2p(ops, self.group):
                 work.wait()
         for s, (buf, strip) in recvs.items():
             flat[..., self.shared[s]] += buf[..., :strip]
@@ -101,7 +101,7 @@ class BranchChannel:
             return
         values = sample.flatten(-2)[..., positions].contiguous()
         self.stats.record_op(nbytes(values), 0, kind="view")
-        self.inflight.append((values, dist.isend(values, self.branch, self.group, VIEW_TAG)))
+        self.inflight.append((values, wire.isend(values, self.branch, self.group, VIEW_TAG)))
 
     def gather_view(self, sample: torch.Tensor, native: tuple[int, int]) -> torch.Tensor:
         """Branch rank: receive every tile rank's view pixels; (B, C, h, w)."""
@@ -112,7 +112,7 @@ class BranchChannel:
                 continue
             buf = sample.new_empty(*sample.shape[:-2], owned.numel())
             self.stats.record_op(0, nbytes(buf), kind="view")
-            pending.append((owned, buf, dist.irecv(buf, r, self.group, VIEW_TAG)))
+            pending.append((owned, buf, wire.irecv(buf, r, self.group, VIEW_TAG)))
         with self.stats.waiting(sample.device):
             for owned, buf, work in pending:
                 work.wait()
@@ -128,7 +128,7 @@ class BranchChannel:
         size = nbytes(buf)
         sent, received = (size * (self.world - 1), 0) if self.rank == self.branch else (0, size)
         self.stats.record_op(sent, received, kind="guidance")
-        posted = (buf, dist.broadcast(buf, src=self.branch, group=self.group, async_op=True))
+        posted = (buf, wire.broadcast(buf, src=self.branch, group=self.group, async_op=True))
         if self.rank == self.branch:
             self.inflight.append(posted)
         return posted
@@ -158,5 +158,5 @@ def assemble_latents(latents: torch.Tensor, owned: torch.Tensor | None, stats) -
     size = nbytes(mine)
     stats.record_op(size, size, kind="assemble")
     with stats.waiting(mine.device):
-        dist.all_reduce(mine)
+        wire.all_reduce(mine)
     return mine

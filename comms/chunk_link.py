@@ -16,7 +16,8 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.distributed as dist
+
+from comms import wire
 
 STOP = -1
 LATENT_TAG = 7202
@@ -25,7 +26,7 @@ POLL_S = (0.0002, 0.005)  # a waiting receiver checks the store this often: firs
 
 def default_store():
     """The rendezvous store of the default process group."""
-    return dist.distributed_c10d._get_default_store()
+    return wire.dist.distributed_c10d._get_default_store()
 
 
 class ChunkLink:
@@ -51,12 +52,13 @@ class ChunkLink:
         """To the next rank: `latent` of `chunk`, or (chunk=STOP, latent=None) the end."""
         self._finish_send()
         sent = 0
-        if latent is not None:  # posted first: the receiver may post its receive at once
-            payload = latent.detach().contiguous()
-            self._in_flight = (payload, dist.isend(payload, self.rank + 1, self.group, LATENT_TAG))
-            sent = payload.numel() * payload.element_size()
+        # The control word first: the receiver posts its receive as soon as it reads it.
         self.store.set(self._key(self.rank, self._sent), str(chunk))
         self._sent += 1
+        if latent is not None:
+            payload = latent.detach().contiguous()
+            self._in_flight = (payload, wire.isend(payload, self.rank + 1, self.group, LATENT_TAG))
+            sent = payload.numel() * payload.element_size()
         self.stats.record_op(sent, 0, kind="chunk")
 
     def _control(self) -> int:
@@ -80,7 +82,7 @@ class ChunkLink:
             return STOP, None
         latent = torch.empty(self.shape, dtype=self.dtype, device=self.device)
         with self.stats.waiting(self.device):  # on CUDA the compute stream waits, not the host
-            dist.irecv(latent, self.rank - 1, self.group, LATENT_TAG).wait()
+            wire.irecv(latent, self.rank - 1, self.group, LATENT_TAG).wait()
         self.stats.record_op(0, latent.numel() * latent.element_size(), kind="chunk")
         return chunk, latent
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from comms import wire
+
 
 def all_gather_object(obj, group=None) -> list:
     """Every rank's `obj`, in rank order; [obj] when not distributed."""
     if not dist.is_initialized():
         return [obj]
     out = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, obj, group=group)
+    wire.all_gather_object(out, obj, group=group)
     return out
 
 
@@ -21,7 +23,7 @@ def check_same_weights(model_name: str, params) -> None:
     if not dist.is_initialized():
         return
     with torch.no_grad():
-        fingerprint = float(sum(p.double().sum().item() for p in params))
+        fingerprint = torch.stack([p.double().sum() for p in params]).sum().item()  # one read-back
     prints = all_gather_object((model_name, fingerprint))
     if len({round(f, 6) for _, f in prints}) != 1:
         raise RuntimeError(f"ranks loaded different models: {prints}")

@@ -28,14 +28,11 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-import torch.distributed as dist
 
+from comms import wire
 from comms.buckets import BucketPlan, Post
 from comms.stats import CommStats, nbytes
 
-
-# torch 2.13 renamed all_gather_into_tensor; keep older releases working.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 @dataclass
@@ -301,17 +298,15 @@ class StaleExchange:
     # -- the wire: the only two calls into torch.distributed ------------------------
     def _wire_all_gather(self, recv: torch.Tensor, send: torch.Tensor):
         """Start an all-gather of `send` (equal sizes) into `recv`; returns its work handle."""
-        return _all_gather_single(recv, send, group=self.group, async_op=True)
+        return wire.all_gather_into(recv, send, group=self.group)
 
     def _wire_max(self, tensor: torch.Tensor) -> None:
         """Element-wise maximum over the members, in place (blocking)."""
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group)
+        wire.all_reduce(tensor, group=self.group, op=wire.dist.ReduceOp.MAX)
 
     def _wire_p2p(self, ops: list) -> list:
         """Start a batch of point-to-point ops, each ("send" | "recv", tensor, peer, tag)."""
-        p2p = [dist.P2POp(dist.isend if op == "send" else dist.irecv, t, peer, self.group, tag)
-               for op, t, peer, tag in ops]
-        return dist.batch_isend_irecv(p2p)
+        return wire.batch_p2p(ops, self.group)
 
     # -- neighbours ----------------------------------------------------------------
     def neighbours(

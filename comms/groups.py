@@ -107,6 +107,9 @@ def init_distributed(
     The timeout bounds every collective, so a vanished peer turns into an error instead
     of a hang; failures raised by a peer are reported faster by `comms.failure`.
     """
+    from comms import wire_check
+
+    wire_check.install_from_env()  # testing hooks only: off unless their variables are set
     dev = local_device(local_rank, device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from comms import CommStats, Topology
+from comms import wire_check
 from comms.collectives import all_gather_object, check_same_weights
 from engine.asg import GuidanceSchedule, asg_plan, structure_guided
 from engine.decode import decode_latents, decode_latents_parallel
@@ -50,6 +51,13 @@ def _peak_memory(device: torch.device) -> int:
     except OSError:
         pass
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _with_wire_record(part: dict) -> dict:
+    """The testing hook comms.wire_check: this request's operations, before the report's own gather."""
+    if wire_check.recording():
+        part["wire"] = wire_check.take_record()
+    return part
 
 
 def _host_sync_watch(cfg):
@@ -237,12 +245,12 @@ class RankRuntime:
                 decode_collectives=dec.collectives,
                 peak_mem_bytes=_peak_memory(device),  # denoise and decode
             )
-            parts = all_gather_object(part)
+            parts = all_gather_object(_with_wire_record(part))
             if rank != 0:
                 return RankOutput(None, None, {})
         else:
             # Gather before rank 0 decodes alone: peers must not sit in a collective meanwhile.
-            parts = all_gather_object(part) if self.topo.distributed else [part]
+            parts = all_gather_object(_with_wire_record(part)) if self.topo.distributed else [part]
             if rank != 0:
                 return RankOutput(None, None, {})
             decode_start = time.perf_counter()

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from comms import CommStats
+from comms import CommStats, wire_check
 from comms.collectives import check_same_weights
 from comms.chunk_link import STOP, ChunkLink
 from engine.causal_video import ChunkKVCache
@@ -271,3 +271,5 @@ class VideoRuntime:
             }
             if host_sync.detector() is not None:
                 self.last_report["host_syncs"] = host_sync.take_calls()
+            if wire_check.recording():
+                self.last_report["wire"] = wire_check.take_record()

@@ -1,0 +1,102 @@
+"""NCCL's semantics, checked on gloo (comms.wire_check): every communicator's members issue
+the same operations in the same order and every pair's point-to-point messages match in
+order; results stay the same with every tag forced to 0 (gloo then matches in posting
+order, as NCCL does) and with completions deferred to wait() (no result read early, no
+send buffer modified in flight). Real spawned ranks, 3 and 4 of them."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+
+from comms.wire_check import DEFERRED_ENV, RECORD_ENV, TAG0_ENV, check_order
+from engine import Engine, ParallelConfig
+from engine.fidelity import rel_l2
+
+PROMPT = "a red circle"
+SIZE, STEPS = 128, 4
+HOOKS = (RECORD_ENV, TAG0_ENV, DEFERRED_ENV)
+
+
+@contextlib.contextmanager
+def _checked_engine(model, world, strategy):
+    with pytest.MonkeyPatch.context() as mp:
+        for env in HOOKS:
+            mp.setenv(env, "1")  # read by the ranks when they start
+        with Engine.from_pretrained(model, parallel=ParallelConfig(strategy=strategy, world_size=world)) as engine:
+            yield engine
+
+
+def _records(parts) -> dict:
+    assert all("wire" in p for p in parts), "the recorder was not installed on the ranks"
+    return {p["rank"]: p["wire"] for p in parts}
+
+
+def test_check_order_finds_a_reordering():
+    coll = [["0", [0, 1]], ["all_gather", "float32", 8]]
+    send = [["0", [0, 1]], ["batch", [["p2p", 0, 1, "float32", 4]]]]
+    recv = [["0", [0, 1]], ["batch", [["p2p", 0, 1, "float32", 4]]]]
+    assert check_order({0: [coll, send], 1: [coll, recv]}) == []
+    assert check_order({0: [send, coll], 1: [coll, recv]})  # NCCL: rank 0 sends while rank 1 gathers
+    assert check_order({0: [coll], 1: [coll, coll]})
+
+
+REQUESTS = {
+    3: [("patch-sync", dict(strategy="patch-sync", cfg_split=False)),
+        ("patch", dict(strategy="patch", warmup_steps=1, cfg_split=False)),
+        ("pcpp", dict(strategy="pcpp", warmup_steps=1, cfg_split=False)),
+        ("asg", dict(strategy="asg", asg_staleness=1))],
+    4: [("patch-sync cfg split", dict(strategy="patch-sync", cfg_split=True)),
+        ("patch cfg split", dict(strategy="patch", warmup_steps=1, cfg_split=True))],
+}
+
+
+@pytest.mark.parametrize("world", [3, 4])
+def test_image_strategies_keep_nccl_order_and_results_with_tag_0_and_deferred_completion(pool, world):
+    reference = pool.parallel_engine("tiny-sdxl", world)  # no hooks
+    with _checked_engine("tiny-sdxl", world, "patch") as checked:
+        for name, config in REQUESTS[world]:
+            size = 384 if config["strategy"] == "asg" else SIZE
+            kw = dict(height=size, width=size, num_inference_steps=STEPS, seed=3, progress=False,
+                      parallel=ParallelConfig(**config))
+            got = checked.generate(PROMPT, **kw)
+            assert check_order(_records(got.report["per_rank"])) == [], name
+            want = reference.generate(PROMPT, **kw)
+            err = rel_l2(got.latents.numpy(), want.latents.numpy())
+            assert err == 0.0, f"{name}: the hooks changed the result (rel L2 {err:.2e})"
+
+
+def test_tpp_keeps_nccl_order_and_frames_with_tag_0_and_deferred_completion():
+    frames = {}
+    with Engine.from_pretrained("tiny-causal-video") as serial:
+        frames["serial"] = np.stack(list(serial.stream("a red ball", num_chunks=3, steps=3, float_frames=True)))
+    with _checked_engine("tiny-causal-video", 3, "tpp") as checked:
+        stream = checked.stream("a red ball", num_chunks=3, steps=3, float_frames=True)
+        frames["tpp"] = np.stack(list(stream))
+        assert check_order(_records(stream.report["per_rank"])) == []
+    assert rel_l2(frames["tpp"], frames["serial"]) <= 1e-5
+
+
+def test_deferred_completion_withholds_results_and_catches_modified_sends():
+    import torch
+
+    from comms.wire_check import _Deferred
+
+    class Done:
+        def wait(self):
+            return True
+
+    recv, send = torch.arange(4.0), torch.ones(2)
+    work = _Deferred([Done()], [recv], [send])
+    assert torch.isnan(recv).all()  # not readable before wait()
+    work.wait()
+    assert recv.tolist() == [0.0, 1.0, 2.0, 3.0]
+    flat = torch.zeros(8, dtype=torch.uint8)  # byte buckets: poisoned to NaN in any float view
+    _Deferred([Done()], [flat], [])
+    assert torch.isnan(flat[:4].view(torch.float32)).all()
+    work = _Deferred([Done()], [], [send])
+    send.add_(1)  # modified while in flight
+    with pytest.raises(RuntimeError, match="modified while its operation was in flight"):
+        work.wait()
