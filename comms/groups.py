@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -28,15 +29,59 @@ def env_world() -> tuple[int, int, int] | None:
 
 
 def local_device(local_rank: int, requested: str | torch.device | None = None) -> torch.device:
-    """The device this rank computes on: the requested one, else its local GPU, else CPU."""
+    """The device this rank computes on: the requested one, else its local GPU, else CPU.
+    A local rank without a GPU of its own is refused: two ranks on one GPU would share it
+    silently (and NCCL refuses two ranks of one communicator on one device)."""
     if requested is not None:
         device = torch.device(requested)
         if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
+            device = torch.device("cuda", _own_gpu(local_rank))
         return device
     if torch.cuda.is_available():
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
+        return torch.device("cuda", _own_gpu(local_rank))
     return torch.device("cpu")
+
+
+def _own_gpu(local_rank: int) -> int:
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise RuntimeError(
+            f"local rank {local_rank} has no GPU of its own: {count} visible on this machine. Launch at "
+            f"most {count} rank(s) per machine (torchrun --nproc-per-node {count}), or pass device='cpu'.")
+    return local_rank
+
+
+def ray_local_gpu(local_rank: int) -> int:
+    """A Ray actor's GPU index: the one Ray assigned (ray.get_gpu_ids()), as seen through
+    CUDA_VISIBLE_DEVICES when Ray set it; `local_rank` for actors without a GPU."""
+    import ray
+
+    ids = [str(i) for i in ray.get_gpu_ids()]
+    if not ids:
+        return local_rank
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if visible:
+        if ids[0] not in visible:
+            raise RuntimeError(f"Ray assigned GPU {ids[0]}, which CUDA_VISIBLE_DEVICES={visible} hides")
+        return visible.index(ids[0])
+    return int(ids[0])
+
+
+def store_barrier(topo: "Topology", name: str) -> None:
+    """Wait, in the rendezvous store, until every rank has arrived here. Unlike a
+    collective it never times out: it guards the waits whose length no communicator timeout
+    can bound (a peer still loading its model, rank 0 still comparing against serial). A
+    rank that fails instead of arriving stops the others through comms.failure."""
+    if not topo.distributed:
+        return
+    topo.barriers += 1
+    key = f"tessera/barrier/{name}/{topo.barriers}"
+    store = dist.distributed_c10d._get_default_store()
+    pause = 0.0005
+    if store.add(key, 1) < topo.world_size:
+        while store.add(key, 0) < topo.world_size:
+            time.sleep(pause)
+            pause = min(0.02, pause * 2)
 
 
 def backend_for(device: torch.device) -> str:
@@ -61,6 +106,7 @@ class Topology:
     timeout_s: float = DEFAULT_TIMEOUT_S
     _side: object = None
     _output: object = None
+    barriers: int = 0  # store barriers passed (each uses a fresh key)
 
     def side_group(self):
         """A second group over every rank, for traffic that must not queue behind the main

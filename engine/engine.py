@@ -72,7 +72,7 @@ def _check_device(device, world: int, local_ranks: int | None, cluster: bool = F
             raise ConfigError(f"device {device!r} was asked for, but CUDA is not available on this machine")
         if dev.index is not None and world > 1:
             raise ConfigError(f"device {device!r} names one GPU for {world} ranks; pass 'cuda' (each rank takes its local GPU)")
-        spawned = world if local_ranks is None else local_ranks
+        spawned = world if local_ranks is None else int(os.environ.get("LOCAL_WORLD_SIZE", local_ranks))
         if spawned > torch.cuda.device_count():
             raise ConfigError(f"{spawned} local ranks but only {torch.cuda.device_count()} GPUs on this machine")
 

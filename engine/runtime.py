@@ -14,12 +14,13 @@ import numpy as np
 import torch
 
 from comms import CommStats, Topology
+from comms.groups import store_barrier
 from comms import wire_check
 from comms.collectives import all_gather_object, check_same_weights
 from engine.asg import GuidanceSchedule, asg_plan, structure_guided
 from engine.decode import decode_latents, decode_latents_parallel
 from engine import host_sync
-from engine.faults import FAULT_ENV, injected_fault_step
+from engine.faults import FAULT_ENV, injected_delay, injected_fault_step
 from engine.fidelity import compare
 from engine.latents import spatial_latents
 from engine.models import denoiser_of, info_from_pipeline, load_pipeline, pipeline_call_kwargs, resolve_scheduler
@@ -111,8 +112,12 @@ class RankRuntime:
     def __init__(self, model: str, topo: Topology, dtype: torch.dtype | None = None):
         self.model = model
         self.topo = topo
+        injected_delay(topo.rank, "load")
         self.pipe = load_pipeline(model, topo.device, dtype)
         self.pipe.set_progress_bar_config(disable=True)
+        # Peers may load for longer than any collective's timeout: meet in the store first
+        # (new_group and the weight check below are collective).
+        store_barrier(topo, "loaded")
         self.stats = CommStats()
         self.ctx = PatchContext(topo, self.stats)
         backbone = backbone_of(self.pipe)
@@ -178,6 +183,10 @@ class RankRuntime:
     def run(self, request: GenerateRequest) -> RankOutput:
         rank, device = self.topo.rank, self.topo.device
         cfg = request.parallel
+        injected_delay(rank, "request")
+        # Under torchrun a peer may still be busy with the last request (rank 0 comparing
+        # against serial): meet in the store, which never times out, before any collective.
+        store_barrier(self.topo, "request")
         scheduler = self._set_scheduler(request.scheduler)
         self.pipe.set_progress_bar_config(disable=not (request.progress and rank == 0), leave=False)
         self.stats.reset(trace=cfg.trace_comms)

@@ -26,9 +26,10 @@ import torch
 from comms import CommStats, wire_check
 from comms.collectives import check_same_weights
 from comms.chunk_link import STOP, ChunkLink
+from comms.groups import store_barrier
 from engine.causal_video import ChunkKVCache
 from engine import host_sync
-from engine.faults import FAULT_ENV, injected_fault_step
+from engine.faults import FAULT_ENV, injected_delay, injected_fault_step
 from engine.video import VideoModel, flow_sigmas, load_video_model, wan_vae_factor
 from parallel.config import ConfigError, is_int
 from parallel.tpp import StagePlan
@@ -156,6 +157,7 @@ class VideoRuntime:
 
     def __init__(self, model: str, topo, dtype: torch.dtype | None = None):
         self.topo = topo
+        injected_delay(topo.rank, "load")
         self.model = load_video_model(model, topo.device, dtype)
         self.info = video_info(self.model)
         self.dtype = next(self.model.transformer.parameters()).dtype
@@ -164,6 +166,7 @@ class VideoRuntime:
 
     def _check_same_weights(self) -> None:
         if self.topo.distributed:
+            store_barrier(self.topo, "loaded")  # peers may load for longer than a collective's timeout
             check_same_weights(self.info.name, list(self.model.transformer.parameters())
                                + list(self.model.vae.parameters()))
 

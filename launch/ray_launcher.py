@@ -67,10 +67,10 @@ class RankActor:
         from engine.runtime import make_runtime
 
         self.rank = rank
-        # Ray gives a GPU actor only its own GPU (CUDA_VISIBLE_DEVICES), so its local device
-        # is the first visible one; on CPU the local rank is irrelevant.
-        gpu_local = 0 if os.environ.get("CUDA_VISIBLE_DEVICES") else local_rank
-        topo = init_distributed(rank, world, gpu_local, device, parallel.comm_timeout_s)
+        from comms.groups import ray_local_gpu
+
+        # The GPU Ray assigned to this actor (ray.get_gpu_ids()), not one derived from ranks.
+        topo = init_distributed(rank, world, ray_local_gpu(local_rank), device, parallel.comm_timeout_s)
         self.runtime = make_runtime(model, topo, dtype)
         return self.runtime.info
 
