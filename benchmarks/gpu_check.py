@@ -238,7 +238,7 @@ def make_plan(args) -> Plan:
         dtypes=[torch.bfloat16, torch.float16], single_models=["tiny-sdxl", "tiny-pixart", "tiny-sd3", "tiny-flux"],
         single_size=256, single_steps=4, video_chunks=3, video_steps=2,
         iso_models=["sdxl", "pixart-sigma"], iso_sizes=[1024, 2048, 3840], iso_worlds=[2, 4, 8],
-        iso_strategies=["patch", "pcpp"], iso_steps=3, iso_warmup=1, iso_dtype=half,
+        iso_strategies=["patch", "pcpp"], iso_steps=4, iso_warmup=1, iso_dtype=half,
         multi_world=world if world >= 2 else 0, multi_jobs=jobs,
         tpp_world=min(world, 5), tpp_chunks=8, tpp_steps=4, tpp_warmup=True, exact_tol=1e-4, profile=args.profile,
         estimates={"single": 10.0, "video": 8.0, "iso_build": 8.0, "tpp_job": 35.0},
