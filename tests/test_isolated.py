@@ -32,7 +32,8 @@ def recorded(tmp_path_factory):
     engine.close()
 
 
-@pytest.mark.parametrize("strategy,warmup", [("patch-sync", 0), ("patch", 1), ("pcpp", 1)])
+# patch-sync (all-gathers only) and pcpp (point-to-point after warm-up) cover both exchange shapes
+@pytest.mark.parametrize("strategy,warmup", [("patch-sync", 0), ("pcpp", 1)])
 def test_isolated_rank_replays_a_real_run_exactly(recorded, strategy, warmup):
     engine, directory = recorded
     config = ParallelConfig(strategy=strategy, warmup_steps=warmup, cfg_split=False)

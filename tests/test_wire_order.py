@@ -2,7 +2,9 @@
 the same operations in the same order and every pair's point-to-point messages match in
 order; results stay the same with every tag forced to 0 (gloo then matches in posting
 order, as NCCL does) and with completions deferred to wait() (no result read early, no
-send buffer modified in flight). Real spawned ranks, 3 and 4 of them."""
+send buffer modified in flight). The same ranks also run the host-sync detector
+(engine.host_sync): no Tessera code synchronises host and device in a steady step. Real
+spawned ranks, 3 and 4 of them, for patch-sync, patch, pcpp, CFG split, asg and tpp."""
 
 from __future__ import annotations
 
@@ -14,10 +16,11 @@ import pytest
 from comms.wire_check import DEFERRED_ENV, RECORD_ENV, TAG0_ENV, check_order
 from engine import Engine, ParallelConfig
 from engine.fidelity import rel_l2
+from engine.host_sync import ENV as HOST_SYNC_ENV
 
 PROMPT = "a red circle"
 SIZE, STEPS = 128, 4
-HOOKS = (RECORD_ENV, TAG0_ENV, DEFERRED_ENV)
+HOOKS = (RECORD_ENV, TAG0_ENV, DEFERRED_ENV, HOST_SYNC_ENV)
 
 
 @contextlib.contextmanager
@@ -30,7 +33,11 @@ def _checked_engine(model, world, strategy):
 
 
 def _records(parts) -> dict:
+    """Every rank's operations; checks on the way that no rank synchronised host and device."""
     assert all("wire" in p for p in parts), "the recorder was not installed on the ranks"
+    for p in parts:
+        assert "host_syncs" in p, "the host-sync detector was not installed on the ranks"
+        assert p["host_syncs"] == [], f"rank {p['rank']} synchronised in a steady step: {p['host_syncs'][:10]}"
     return {p["rank"]: p["wire"] for p in parts}
 
 
@@ -48,8 +55,7 @@ REQUESTS = {
         ("patch", dict(strategy="patch", warmup_steps=1, cfg_split=False)),
         ("pcpp", dict(strategy="pcpp", warmup_steps=1, cfg_split=False)),
         ("asg", dict(strategy="asg", asg_staleness=1))],
-    4: [("patch-sync cfg split", dict(strategy="patch-sync", cfg_split=True)),
-        ("patch cfg split", dict(strategy="patch", warmup_steps=1, cfg_split=True))],
+    4: [("patch cfg split", dict(strategy="patch", warmup_steps=1, cfg_split=True))],
 }
 
 
