@@ -76,6 +76,7 @@ class Entry:
     send: list = field(default_factory=list)  # gather: [own view]; p2p: [to_prev view, to_next view]
     recv: object = None  # gather: [member views]; p2p: (from_prev view, from_next view)
     stacked: torch.Tensor | None = None  # gather of equal shapes: every member's as one (m, ...) view
+    block: tuple | None = None  # (view (m, n, ...) of the n alike entries laid out together, this one's index)
 
 
 class Bucket:
@@ -111,9 +112,28 @@ class GatherBucket(Bucket):
         rows = self.recv.view(exchange.size, self.width)
         me = exchange.index
         self.bytes_by_kind: dict = {}
-        offset = 0
-        for post, w in zip(posts, widths):
-            entry = Entry(post, self)
+        # Entries of one kind, dtype and shape (the same on every member) are laid out side by
+        # side, so a layer family can read all of theirs as one block (GroupNorm statistics).
+        def alike(p):
+            equal = all(s == p.shapes[0] for s in p.shapes)
+            return (p.slot.kind, p.dtype, tuple(p.shapes[0])) if equal else ("", id(p))
+        groups: dict = {}
+        for i, post in enumerate(posts):
+            groups.setdefault(alike(post), []).append(i)
+        offsets, offset = {}, 0
+        for members in groups.values():
+            for i in members:
+                offsets[i] = offset
+                offset += widths[i]
+        self.entries = [Entry(p, self) for p in posts]  # in posting order
+        for key, members in groups.items():
+            first, n, w = offsets[members[0]], len(members), widths[members[0]]
+            if n > 1 and key[0] and _nbytes(key[2], key[1]) == w:  # no padding between them
+                block = rows[:, first : first + n * w].view(key[1]).view(exchange.size, n, *key[2])
+                for k, i in enumerate(members):
+                    self.entries[i].block = (block, k)
+        for i, (post, entry) in enumerate(zip(posts, self.entries)):
+            offset = offsets[i]
             entry.send = [_typed(self.send, offset, post.shapes[me], post.dtype)]
             entry.recv = [_typed(rows[j], offset, s, post.dtype) for j, s in enumerate(post.shapes)]
             if all(s == post.shapes[0] for s in post.shapes):
@@ -124,8 +144,6 @@ class GatherBucket(Bucket):
             pair = self.bytes_by_kind.setdefault(post.slot.kind, [0, 0])
             pair[0] += mine * (exchange.size - 1)
             pair[1] += others
-            self.entries.append(entry)
-            offset += w
 
     def launch(self) -> None:
         self.work = [self.exchange._wire_all_gather(self.recv, self.send)]

@@ -51,6 +51,7 @@ class _Slot:
         self.pending: _Pending | None = None
         self.ready = None  # result of the last completed exchange
         self.entry = None  # its place in a bucket, when its last post went there
+        self.read_block = None  # (block, index) when the last stale view was read from a bucket block
 
     @property
     def has_view(self) -> bool:
@@ -154,9 +155,11 @@ class StaleExchange:
         """The slot's stale view, wherever its last post went; then the slot is empty."""
         if slot.pending is not None or slot.ready is not None:
             view = self._fetch(slot)
+            slot.read_block = None
         else:
             slot.entry.bucket.wait()
             view = slot.entry.recv
+            slot.read_block = slot.entry.block
         slot.ready, slot.entry = None, None
         return view
 
@@ -186,6 +189,13 @@ class StaleExchange:
             return None
         entry.bucket.wait()  # the buffer is free once last step's operation completed
         return entry.send[0]
+
+    def stale_block(self, name: str):
+        """(block, index) when slot `name`'s stale view just read came from a bucket where
+        the slots of its kind, dtype and shape lie side by side: `block` (members, n, ...)
+        holds all n of them (valid until their bucket launches again); else None."""
+        slot = self._slots.get(name)
+        return None if slot is None else slot.read_block
 
     def _build_plan(self) -> None:
         posts, self._recording = self._recording, []
@@ -220,6 +230,7 @@ class StaleExchange:
         if tuple(tensor.shape) != tuple(shapes[self.index]):
             raise ValueError(f"slot {name}: tensor {tuple(tensor.shape)} != declared {tuple(shapes[self.index])}")
         slot = self._slot(name, kind)
+        slot.read_block = None
         if not sync:
             bucketed = self._bucketed(slot)
             if bucketed is not None:

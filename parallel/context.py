@@ -46,6 +46,7 @@ class PatchContext:
         self.text_tokens = 0  # text tokens in front of the image tokens (Flux single-stream blocks)
         self._whole: tuple[torch.Tensor, torch.Tensor] | None = None  # (band, full) of the denoiser input
         self._weights: dict = {}
+        self.step_cache: dict = {}
         self.rebind(topo)
 
     def rebind(self, topo: Topology) -> None:
@@ -91,6 +92,7 @@ class PatchContext:
     def begin_step(self) -> None:
         self.step += 1
         self.stats.step = self.step
+        self.step_cache = {}  # what layers derive once per step and share (GroupNorm blocks)
 
     def end_step(self) -> None:
         self._whole = None

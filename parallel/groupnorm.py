@@ -58,6 +58,31 @@ def corrected(stale_mean, stale_var, fresh_mean, fresh_var, own_stale_mean, own_
     return mean, torch.where(var < 0, fresh_var, var)
 
 
+def stale_terms(weights: torch.Tensor, stats: torch.Tensor, own: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """From stale statistics (m, ..., 2) of every band: (M - m_s, V - v_s), the stale global
+    mean and variance minus this band's own, the part of `corrected` that does not depend
+    on the fresh statistics (computed once for many layers at a time)."""
+    g_mean, g_var = pooled(weights, stats[..., 0], stats[..., 1])
+    return g_mean - stats[own, ..., 0], g_var - stats[own, ..., 1]
+
+
+def corrected_from_terms(shift, spread, fresh_mean, fresh_var, own_stale_mean):
+    """`corrected` given `stale_terms`: mean = m_f + (M - m_s),
+    var = (V - v_s) + v_f - 2 (m_f - m_s)(M - m_s), the same without cancellation."""
+    mean = fresh_mean + shift
+    var = torch.addcmul(spread + fresh_var, fresh_mean - own_stale_mean, shift, value=-2)
+    return mean, torch.where(var < 0, fresh_var, var)
+
+
+def _stale_terms(ctx, block: torch.Tensor, k: int):
+    """This layer's stale terms, from the terms of its whole block (cached for the step)."""
+    key = ("gn", block.data_ptr(), block.shape)
+    terms = ctx.step_cache.get(key)
+    if terms is None:
+        terms = ctx.step_cache[key] = stale_terms(ctx.band_weights(block.device), block, ctx.index)
+    return terms[0][k], terms[1][k]
+
+
 class PatchGroupNorm(SwappedLayer, nn.GroupNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ctx = self._row_split()
@@ -76,9 +101,14 @@ class PatchGroupNorm(SwappedLayer, nn.GroupNorm):
         stats = ctx.exchange.all_gather(  # (m, b, g, 2): fresh when sync, else last step's
             self._tessera_name, local, [local.shape] * ctx.members, sync=sync, coalesce=True, kind="gn", stacked=True
         )
+        extrapolated = ctx.layout.config.gn_mode == "extrapolated"
+        block = None if sync or extrapolated else ctx.exchange.stale_block(self._tessera_name)
+        if block is not None:  # the stale terms of every GroupNorm in this bucket, once per step
+            shift, spread = _stale_terms(ctx, *block)
+            g_mean, g_var = corrected_from_terms(shift, spread, mean, var, stats[ctx.index, ..., 0])
+            return self._normalise(x, g_mean, g_var)
         weights = ctx.band_weights(x.device)
         g_mean, g_var = pooled(weights, stats[..., 0], stats[..., 1])
-        extrapolated = ctx.layout.config.gn_mode == "extrapolated"
         if not sync:
             own_mean, own_var = stats[ctx.index].unbind(-1)
             if extrapolated:  # one stacked tensor of the four, so one lerp predicts them all

@@ -7,7 +7,7 @@ from engine import ParallelConfig
 from parallel.attention import PatchSelfAttnProcessor
 from parallel.bands import BandPlan
 from parallel.conv import HaloConv2d
-from parallel.groupnorm import PatchGroupNorm, corrected, pooled
+from parallel.groupnorm import PatchGroupNorm, corrected, corrected_from_terms, pooled, stale_terms
 
 STEPS = 20
 SIZE = 128
@@ -85,6 +85,24 @@ def test_corrected_groupnorm_is_exact_when_every_band_changes_like_this_one():
         mean, var = corrected(stale_mean, stale_var, f_mean[i], f_var[i], s_mean[i], s_var[i])
         torch.testing.assert_close(mean, exact_mean)
         torch.testing.assert_close(var, exact_var)
+
+
+def test_corrected_groupnorm_from_block_terms_equals_the_per_layer_rule():
+    """Bucketed steps derive the stale part of every GroupNorm in a bucket at once
+    (stale_terms over a block of layers); per layer it must give `corrected` exactly."""
+    gen = torch.Generator().manual_seed(1)
+    weights = torch.tensor([0.25, 0.5, 0.25], dtype=torch.float64)
+    layers = 4
+    stale = torch.stack([torch.randn(3, layers, 2, 8, generator=gen, dtype=torch.float64),
+                         torch.rand(3, layers, 2, 8, generator=gen, dtype=torch.float64) + 0.1], dim=-1)
+    fresh_mean = stale[1, ..., 0] + 0.05 * torch.randn(layers, 2, 8, generator=gen, dtype=torch.float64)
+    fresh_var = stale[1, ..., 1] * 1.1
+    shift, spread = stale_terms(weights, stale, own=1)
+    for k in range(layers):
+        want = corrected(*pooled(weights, stale[:, k, ..., 0], stale[:, k, ..., 1]), fresh_mean[k], fresh_var[k],
+                         stale[1, k, ..., 0], stale[1, k, ..., 1])
+        got = corrected_from_terms(shift[k], spread[k], fresh_mean[k], fresh_var[k], stale[1, k, ..., 0])
+        torch.testing.assert_close(got, want)
 
 
 def test_extrapolated_groupnorm_predicts_stale_statistics_from_the_last_two_it_saw():
