@@ -185,13 +185,10 @@ def make_plan(args) -> Plan:
         world = 2
         jobs = [MultiJob("sdxl-dir (tiny)", "sdxl-dir", torch.float32, 60.0, unet_config="tiny-sdxl", requests=[
             MultiRequest("patch-sync", dict(strategy="patch-sync", cfg_split=False), 128, 3, exact=True, ratio=True),
-            MultiRequest("patch-sync + cfg split", dict(strategy="patch-sync", cfg_split=True), 128, 3, exact=True),
             MultiRequest("patch", dict(strategy="patch", warmup_steps=1, cfg_split=False), 128, 3, ratio=True),
             MultiRequest("pcpp", dict(strategy="pcpp", warmup_steps=1, cfg_split=False), 128, 3, ratio=True),
-            MultiRequest("asg staleness 0", dict(strategy="asg", asg_staleness=0, asg_tile_overlap=8), 384, 3,
-                         exact=True),
             MultiRequest("asg", dict(strategy="asg", asg_staleness=1, asg_tile_overlap=8), 384, 3, ratio=True),
-        ])]
+        ])]  # CPU (CI): the requests the GPU run makes, less those the suite checks elsewhere
         return Plan(
             mode="cpu", device="cpu", gpus=0, budget_s=args.budget_s or 240.0,
             caps={"single_rank": 0.25, "multi_rank": 0.5, "isolated": 0.25, "projections": 0.125},

@@ -1,6 +1,7 @@
 """GPU placement and waits that no communicator timeout may bound: a peer still loading its
-model, rank 0 busy before a request (comparing against serial under torchrun), and a
-stream's consumer holding the pipeline back. Real spawned ranks with comm_timeout_s=5."""
+model and rank 0 busy before a request (comparing against serial under torchrun). Real
+spawned ranks with comm_timeout_s=5. A stream's consumer holding the pipeline back is
+tested with the tpp wire-order check (tests/test_wire_order.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from comms import groups
 from engine import Engine, ParallelConfig
 from engine.faults import DELAY_ENV
 
-TIMEOUT_S, SLOW_S = 5, 7
+TIMEOUT_S, SLOW_S = 5, 6.5
 
 
 def test_a_local_rank_without_its_own_gpu_is_refused(monkeypatch):
@@ -45,14 +46,3 @@ def test_slow_loading_and_a_busy_rank_0_never_trip_the_timeout(monkeypatch):
         r = engine.generate("a red circle", height=64, width=64, num_inference_steps=2, progress=False)
         assert time.monotonic() - start >= SLOW_S  # rank 1 really waited for rank 0
         assert r.report["world_size"] == 2
-
-
-def test_a_consumer_holding_the_stream_back_never_trips_the_timeout():
-    config = ParallelConfig(strategy="tpp", world_size=2, comm_timeout_s=TIMEOUT_S)
-    with Engine.from_pretrained("tiny-causal-video", parallel=config) as engine:
-        got = 0
-        for _ in engine.stream("a red ball", num_chunks=3, steps=2):
-            got += 1
-            if got == 1:
-                time.sleep(SLOW_S)  # a slow consumer: upstream ranks wait for it
-        assert got == 3 * 2  # frames: two per chunk

@@ -9,6 +9,7 @@ spawned ranks, 3 and 4 of them, for patch-sync, patch, pcpp, CFG split, asg and 
 from __future__ import annotations
 
 import contextlib
+import time
 
 import numpy as np
 import pytest
@@ -19,16 +20,18 @@ from engine.fidelity import rel_l2
 from engine.host_sync import ENV as HOST_SYNC_ENV
 
 PROMPT = "a red circle"
+SHORT_TIMEOUT_S = 5
 SIZE, STEPS = 128, 4
 HOOKS = (RECORD_ENV, TAG0_ENV, DEFERRED_ENV, HOST_SYNC_ENV)
 
 
 @contextlib.contextmanager
-def _checked_engine(model, world, strategy):
+def _checked_engine(model, world, strategy, **config):
     with pytest.MonkeyPatch.context() as mp:
         for env in HOOKS:
             mp.setenv(env, "1")  # read by the ranks when they start
-        with Engine.from_pretrained(model, parallel=ParallelConfig(strategy=strategy, world_size=world)) as engine:
+        parallel = ParallelConfig(strategy=strategy, world_size=world, **config)
+        with Engine.from_pretrained(model, parallel=parallel) as engine:
             yield engine
 
 
@@ -74,13 +77,20 @@ def test_image_strategies_keep_nccl_order_and_results_with_tag_0_and_deferred_co
             assert err == 0.0, f"{name}: the hooks changed the result (rel L2 {err:.2e})"
 
 
-def test_tpp_keeps_nccl_order_and_frames_with_tag_0_and_deferred_completion():
+def test_tpp_keeps_nccl_order_and_frames_with_tag_0_and_deferred_completion_and_a_slow_consumer():
+    """Also: a consumer slower than the communicator timeout holds the pipeline back (the
+    upstream ranks wait in the store) and nothing times out."""
     frames = {}
     with Engine.from_pretrained("tiny-causal-video") as serial:
         frames["serial"] = np.stack(list(serial.stream("a red ball", num_chunks=3, steps=3, float_frames=True)))
-    with _checked_engine("tiny-causal-video", 3, "tpp") as checked:
+    with _checked_engine("tiny-causal-video", 3, "tpp", comm_timeout_s=SHORT_TIMEOUT_S) as checked:
         stream = checked.stream("a red ball", num_chunks=3, steps=3, float_frames=True)
-        frames["tpp"] = np.stack(list(stream))
+        got = []
+        for frame in stream:
+            got.append(frame)
+            if len(got) == 1:
+                time.sleep(SHORT_TIMEOUT_S + 1.5)  # slower than any collective may take
+        frames["tpp"] = np.stack(got)
         assert check_order(_records(stream.report["per_rank"])) == []
     assert rel_l2(frames["tpp"], frames["serial"]) <= 1e-5
 
