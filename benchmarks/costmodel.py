@@ -74,7 +74,7 @@ class ModelSpec:
 
 # Host time per step comes from the layout preset of the same architecture.
 LAYOUT_PRESETS = {"sdxl": "sdxl-layout", "pixart-sigma": "pixart-layout", "flux1-dev": "flux-layout"}
-HOST_TIMES = os.path.join(os.path.dirname(__file__), "measured", "isolated_layouts.json")
+HOST_TIMES = os.path.join(os.path.dirname(__file__), "measured", "isolated_layouts_after16.json")
 LAUNCH_S = 5e-6  # host s per top-level ATen operator on a GPU (dispatch + launch; assumed, eager PyTorch)
 HOST_MODES = ("eager", "graphs")
 
