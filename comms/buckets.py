@@ -252,7 +252,10 @@ class BucketPlan:
         self.cursor = 0
 
     def wait_all(self) -> None:
-        self.launch_due()
+        """The request's end: wait for what is in flight. A bucket that filled but was not
+        launched yet (a rank failing mid-step) is dropped, never launched here: its peers
+        may not be at the same point."""
+        self.due = None
         for bucket in self.buckets:
             bucket.wait(trace=False)  # the request's end, not a stale read
 

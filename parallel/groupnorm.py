@@ -135,9 +135,12 @@ class PatchGroupNorm(SwappedLayer, nn.GroupNorm):
         whenever the parameters are replaced or modified in place (their version moves)."""
         if not self.affine:
             return None, None
-        key = (batch, self.weight.data_ptr(), self.weight._version, self.bias.data_ptr(), self.bias._version)
+        try:
+            key = (batch, self.weight.data_ptr(), self.weight._version, self.bias.data_ptr(), self.bias._version)
+        except RuntimeError:  # inference tensors keep no version: never cache them
+            key = None
         cached = getattr(self, "_tessera_affine", None)
-        if cached is None or cached[0] != key:
+        if key is None or cached is None or cached[0] != key:
             with torch.no_grad():
                 weight = self.weight.detach().float().repeat(batch)
                 bias = self.bias.detach().float().repeat(batch)
