@@ -179,7 +179,7 @@ class StaleExchange:
     def send_view(self, name: str) -> torch.Tensor | None:
         """Where slot `name`'s next stale post will be sent from, when it goes into a
         bucket: a caller that computes its tensor straight into this view saves a copy
-        (then passes the view itself to the call). None when the post is not bucketed."""
+        (then passes that very view object to the call). None when the post is not bucketed."""
         plan = self._plan
         slot = self._slots.get(name)
         if plan is None or slot is None or plan.cursor >= len(plan.sequence):
@@ -235,7 +235,7 @@ class StaleExchange:
             bucketed = self._bucketed(slot)
             if bucketed is not None:
                 entry, stale = bucketed
-                if entry.send[0].data_ptr() != tensor.data_ptr():
+                if tensor is not entry.send[0]:  # computed elsewhere, not straight into the bucket
                     entry.send[0].copy_(tensor)
                 self._plan.written(entry)
                 if stacked:
