@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--asg-staleness", type=int, default=ParallelConfig.asg_staleness, choices=(0, 1),
                      help="asg: age in steps of the guidance tiles use in a parallel run")
     gen.add_argument("--gn-mode", choices=GN_MODES, default="corrected")
+    gen.add_argument("--bucket-mb", type=float, default=None,
+                     help="MB per bucketed phase of a stale step's posts (default: three phases; 0: one "
+                          "operation per layer)")
     cfg = gen.add_mutually_exclusive_group()
     cfg.add_argument("--cfg-split", dest="cfg_split", action="store_true", default=None,
                      help="CFG halves on two rank groups (default: on when guided and the world is even)")
@@ -124,6 +127,7 @@ def generate(args) -> int:
         asg_staleness=args.asg_staleness,
         gn_mode=args.gn_mode,
         cfg_split=args.cfg_split,
+        bucket_mb=args.bucket_mb,
         comm_timeout_s=args.timeout,
     ).validate()
     dtype = getattr(torch, args.dtype) if args.dtype else None
