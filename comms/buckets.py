@@ -218,7 +218,6 @@ class BucketPlan:
                     self.buckets.append(made[wire])
             iters = {w: iter(b.entries) for w, b in made.items()}
             self.sequence.extend(next(iters[p.wire]) for p in phase)
-        self.by_slot = {e.post.slot.name: e for e in self.sequence}
         self.cursor = 0
         self.due: Bucket | None = None  # full, launched at the exchange's next call
 

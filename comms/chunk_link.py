@@ -13,20 +13,14 @@ before the next. Latents between two ranks match in order (NCCL ignores tags; gl
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from comms import wire
+from comms.groups import default_store, wait_in_store
 
 STOP = -1
 LATENT_TAG = 7202
 POLL_S = (0.0002, 0.005)  # a waiting receiver checks the store this often: first, and at most
-
-
-def default_store():
-    """The rendezvous store of the default process group."""
-    return wire.dist.distributed_c10d._get_default_store()
 
 
 class ChunkLink:
@@ -67,10 +61,7 @@ class ChunkLink:
         # `check`, not a timed `wait`: the wait may be long (the consumer sets the pace) and
         # must never time out; a failed peer ends this process through comms.failure.
         with self.stats.waiting():  # host clock: the store wait is on the host
-            pause = POLL_S[0]
-            while not self.store.check([key]):
-                time.sleep(pause)
-                pause = min(POLL_S[1], pause * 2)
+            wait_in_store(lambda: self.store.check([key]), *POLL_S)
         value = int(self.store.get(key))
         self.store.delete_key(key)
         return value

@@ -67,6 +67,21 @@ def ray_local_gpu(local_rank: int) -> int:
     return int(ids[0])
 
 
+def default_store():
+    """The rendezvous store of the default process group."""
+    return dist.distributed_c10d._get_default_store()
+
+
+def wait_in_store(ready, first_s: float = 0.0005, most_s: float = 0.02) -> None:
+    """Poll `ready()` (a store query) until it holds, the pause doubling from `first_s` up
+    to `most_s`. Never times out: a peer that fails instead ends this process through
+    comms.failure."""
+    pause = first_s
+    while not ready():
+        time.sleep(pause)
+        pause = min(most_s, pause * 2)
+
+
 def store_barrier(topo: "Topology", name: str) -> None:
     """Wait, in the rendezvous store, until every rank has arrived here. Unlike a
     collective it never times out: it guards the waits whose length no communicator timeout
@@ -76,12 +91,9 @@ def store_barrier(topo: "Topology", name: str) -> None:
         return
     topo.barriers += 1
     key = f"tessera/barrier/{name}/{topo.barriers}"
-    store = dist.distributed_c10d._get_default_store()
-    pause = 0.0005
+    store = default_store()
     if store.add(key, 1) < topo.world_size:
-        while store.add(key, 0) < topo.world_size:
-            time.sleep(pause)
-            pause = min(0.02, pause * 2)
+        wait_in_store(lambda: store.add(key, 0) >= topo.world_size)
 
 
 def backend_for(device: torch.device) -> str:
