@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_CPU := torch==2.13.0
 STAMP := $(VENV)/.tessera-installed
 
-.PHONY: demo test install clean gpu-check
+.PHONY: demo test test-compile install clean gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The compile tests with inductor instead of the suite's aot_eager (minutes cold on 2 cores).
+test-compile: $(STAMP)
+	TESSERA_COMPILE_BACKEND=inductor $(PY) -m pytest -q tests/test_compile.py
 
 # On a machine with NVIDIA GPUs: every strategy on CUDA/NCCL, isolated-rank measurements of the
 # real-size SDXL UNet and PixArt-Sigma, projected speed-ups; under 8 minutes on one H100/H200.

@@ -21,6 +21,13 @@ run. Per step it records:
 - the communication operations and bytes the real rank would issue (its CommStats).
 Steady steps are the stale ones (patch, pcpp) or every step after the first (patch-sync).
 
+With `--compile` every point (serial included) is measured twice in the same run, eagerly
+and under torch.compile (`ParallelConfig.compile`, inductor); the compiled rows add the
+graph breaks dynamo met while compiling them, split into those at a bucket launch or a
+wait (the communication, by design) and any other (should be none), and the compiled
+table puts each compiled step beside its eager one. Compiled steady steps start one step
+later (the first bucketed step runs eagerly): give `--steps` at least `--warmup` + 3.
+
 Models: any engine model or preset (the denoiser's arguments come from one pipeline
 call), or a published architecture from `benchmarks/model_configs` with random weights
 (`sdxl`, `pixart-sigma`, `sd3-medium`, `flux1-dev`; for GPUs: they are large).
@@ -30,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import statistics
 import sys
 import time
@@ -209,12 +217,31 @@ def measure(subject: Subject, steps: int, steady_from: int, request=contextlib.n
     }
 
 
+# Where a graph break of a compiled denoiser may be: the opaque calls of the exchange.
+COMM_BREAK_FUNCTIONS = ("_launch", "wait", "_fetch", "_run", "_all_gather", "_neighbours")
+
+
+def compile_breaks() -> dict:
+    """Dynamo's graph breaks and graphs since the counters were last cleared."""
+    from torch._dynamo.utils import counters
+
+    total = comm = 0
+    for reason, n in counters["graph_break"].items():
+        total += n
+        skipped = re.search(r"<function (\S+) at", reason)  # "Skip inlining ... <function Bucket.wait at 0x..>"
+        if skipped and skipped.group(1).rsplit(".", 1)[-1] in COMM_BREAK_FUNCTIONS:
+            comm += n
+    return {"graph_breaks": total, "graph_breaks_outside_comms": total - comm,
+            "graphs": int(counters["stats"].get("unique_graphs", 0))}
+
+
 class IsolatedRanks:
     """One model with the parallel layers installed once, moved through rank positions."""
 
     def __init__(self, subject: Subject, replay_dir: str | None = None):
         from comms import CommStats, Topology
         from comms.isolated import exchange_factory
+        from parallel.compiled import install_compiled
         from parallel.context import PatchContext
         from parallel.registry import backbone_of
 
@@ -225,6 +252,7 @@ class IsolatedRanks:
         self.ctx = PatchContext(Topology(0, 1, 0, subject.device), self.stats,
                                 make_exchange=exchange_factory(replay_dir, isolated=True))
         backbone.install(subject.holder, self.ctx)
+        install_compiled(subject.denoiser, self.ctx)  # eager unless a request asks to compile
 
     def place(self, world: int, rank: int) -> None:
         """Act as rank `rank` of `world` from now on."""
@@ -237,19 +265,44 @@ class IsolatedRanks:
     def request(self, config, cfg_split: bool = False):
         """Frame denoiser calls as one request of `config` (as the engine's runtime does)."""
         self.stats.reset()
+        self.ctx.use_compile(config.compile)
         self.ctx.begin_request(config, *self.subject.latent, self.align, cfg_split)
         try:
             yield
         finally:
             self.ctx.end_request()
+            self.ctx.use_compile(False)
+
+    def measure_serial(self, steps: int, compiled: bool) -> dict:
+        """The model without a row split (the parallel layers behave as the originals)."""
+        from torch._dynamo.utils import counters
+
+        @contextlib.contextmanager
+        def request():
+            self.ctx.use_compile(compiled)
+            try:
+                yield
+            finally:
+                self.ctx.use_compile(False)
+
+        counters.clear()
+        out = measure(self.subject, steps, steady_from=1, request=request)
+        return dict(out, compiled=compiled, **(compile_breaks() if compiled else {}))
 
     def measure(self, config, world: int, rank: int, steps: int, cfg_split: bool = False) -> dict:
+        from torch._dynamo.utils import counters
+
         self.place(world, rank)
-        # the first stale step runs slot by slot and records the buckets (comms.buckets)
-        steady_from = 1 if config.strategy == "patch-sync" else config.warmup_steps + 1
+        # the first stale step runs slot by slot and records the buckets (comms.buckets);
+        # compiled, the first bucketed step runs eagerly too (parallel.compiled)
+        steady_from = 1 if config.strategy == "patch-sync" else config.warmup_steps + 1 + int(config.compile)
         if steady_from >= steps:
             raise ValueError(f"{steps} steps leave no steady step after {steady_from}")
+        counters.clear()
         out = measure(self.subject, steps, steady_from, lambda: self.request(config, cfg_split))
+        out["compiled"] = config.compile
+        if config.compile:
+            out.update(compile_breaks())
         per_step = self.stats.per_step()
         last = per_step[-1]  # the profiled request's last step: a steady one
         out.update(ops_per_step=last["collectives"], bytes_sent_per_step=last["bytes_sent"],
@@ -266,7 +319,7 @@ def rank_positions(world: int, which: str) -> list[int]:
 
 
 def sweep(models, sizes, strategies, worlds, steps, warmup, ranks="edges", device=None, dtype=None,
-          portion=0.3, log=print) -> list[dict]:
+          portion=0.3, log=print, compile_too: bool = False) -> list[dict]:
     """Serial and isolated ranks for every point; one record per (serial | rank) measurement."""
     from comms.groups import local_device
     from parallel.config import ParallelConfig
@@ -280,28 +333,39 @@ def sweep(models, sizes, strategies, worlds, steps, warmup, ranks="edges", devic
             base = {"model": model, "size": size, "steps": steps, "threads": threads, "device": str(device),
                     "dtype": str(subject.denoiser.dtype).replace("torch.", "")}
             serial = measure(subject, steps, steady_from=1)
-            records.append(dict(base, strategy="serial", world_size=1, rank=0, **serial))
+            records.append(dict(base, strategy="serial", world_size=1, rank=0, compiled=False, **serial))
             log(f"{model} {size}: serial step {serial['step_s'] * 1e3:.1f} ms, host {serial['host_s'] * 1e3:.1f} ms")
             isolated = IsolatedRanks(subject)
+            modes = (False, True) if compile_too else (False,)
+            if compile_too:
+                point = isolated.measure_serial(steps, compiled=True)
+                records.append(dict(base, strategy="serial", world_size=1, rank=0, **point))
+                log(f"{model} {size}: serial compiled step {point['step_s'] * 1e3:.1f} ms, "
+                    f"{point['graph_breaks']} graph breaks")
             for strategy in strategies:
-                config = ParallelConfig(strategy=strategy, warmup_steps=warmup, pcpp_portion=portion, cfg_split=False)
-                for world in worlds:
-                    for rank in rank_positions(world, ranks):
-                        point = isolated.measure(config, world, rank, steps)
-                        records.append(dict(base, strategy=strategy, world_size=world, rank=rank, warmup_steps=warmup,
-                                            **point))
-                        log(f"{model} {size} {strategy} rank {rank}/{world}: step {point['step_s'] * 1e3:.1f} ms, "
-                            f"host {point['host_s'] * 1e3:.1f} ms, {point['ops_per_step']} ops")
+                for compiled in modes:
+                    config = ParallelConfig(strategy=strategy, warmup_steps=warmup, pcpp_portion=portion,
+                                            cfg_split=False, compile=compiled)
+                    for world in worlds:
+                        for rank in rank_positions(world, ranks):
+                            point = isolated.measure(config, world, rank, steps)
+                            records.append(dict(base, strategy=strategy, world_size=world, rank=rank,
+                                                warmup_steps=warmup, **point))
+                            breaks = (f", {point['graph_breaks']} graph breaks "
+                                      f"({point['graph_breaks_outside_comms']} outside comms)" if compiled else "")
+                            log(f"{model} {size} {strategy}{' compiled' if compiled else ''} rank {rank}/{world}: "
+                                f"step {point['step_s'] * 1e3:.1f} ms, host {point['host_s'] * 1e3:.1f} ms, "
+                                f"{point['ops_per_step']} ops{breaks}")
             del isolated, subject
     return records
 
 
 def summarize(records: list[dict]) -> list[dict]:
     """Per (model, size, strategy, world): the slowest measured rank against serial."""
-    serial = {(r["model"], r["size"]): r for r in records if r["strategy"] == "serial"}
+    serial = {(r["model"], r["size"]): r for r in records if r["strategy"] == "serial" and not r.get("compiled")}
     groups: dict = {}
     for r in records:
-        if r["strategy"] != "serial":
+        if r["strategy"] != "serial" and not r.get("compiled"):
             groups.setdefault((r["model"], r["size"], r["strategy"], r["world_size"]), []).append(r)
     rows = []
     for (model, size, strategy, world), ranks in groups.items():
@@ -321,6 +385,45 @@ def summarize(records: list[dict]) -> list[dict]:
             "bytes_sent_per_step": max(r["bytes_sent_per_step"] for r in ranks),
         })
     return rows
+
+
+def summarize_compiled(records: list[dict]) -> list[dict]:
+    """Per (model, size, strategy, world) measured compiled: its slowest rank's compiled
+    step against the same ranks' eager steps of the same run, and the graph breaks."""
+    eager, compiled = {}, {}
+    for r in records:
+        key = (r["model"], r["size"], r["strategy"], r["world_size"])
+        (compiled if r.get("compiled") else eager).setdefault(key, []).append(r)
+    rows = []
+    for key, ranks in compiled.items():
+        slowest = max(ranks, key=lambda r: r["step_s"])
+        base = max(eager.get(key, []), key=lambda r: r["step_s"], default=None)
+        rows.append({
+            "model": key[0], "size": key[1], "strategy": key[2], "world_size": key[3],
+            "compiled_step_s": slowest["step_s"], "eager_step_s": base["step_s"] if base else None,
+            "compiled_vs_eager": base["step_s"] / slowest["step_s"] if base else None,
+            "compiled_host_s": max(r["host_s"] for r in ranks),
+            "eager_host_s": max(r["host_s"] for r in eager[key]) if key in eager else None,
+            "graph_breaks": max(r["graph_breaks"] for r in ranks),
+            "graph_breaks_outside_comms": max(r["graph_breaks_outside_comms"] for r in ranks),
+            "graphs": max(r["graphs"] for r in ranks),
+        })
+    return rows
+
+
+def compiled_table(rows: list[dict]) -> str:
+    lines = ["| model | size | strategy | ranks | eager step (ms) | compiled step (ms) | speed-up of compile "
+             "| eager host ms | compiled host ms | graph breaks (outside comms) | graphs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        def ms(v):
+            return "-" if v is None else f"{v * 1e3:.1f}"
+        ratio = "-" if r["compiled_vs_eager"] is None else f"{r['compiled_vs_eager']:.2f}x"
+        lines.append(f"| {r['model']} | {r['size']} | {r['strategy']} | {r['world_size']} | {ms(r['eager_step_s'])} "
+                     f"| {ms(r['compiled_step_s'])} | {ratio} | {ms(r['eager_host_s'])} | {ms(r['compiled_host_s'])} "
+                     f"| {r['graph_breaks']} ({r['graph_breaks_outside_comms']}) | {r['graphs']} |")
+    return "\n".join(lines) + "\n\nGraph breaks and graphs: counted by dynamo while compiling the point (a point " \
+        "whose shapes were compiled before counts only its recompiles); 'serial' is the model without a row split.\n"
 
 
 def table(summary: list[dict], records: list[dict]) -> str:
@@ -354,6 +457,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ranks", choices=("edges", "all"), default="edges",
                         help="measure the first, a middle and the last rank (edges) or every rank")
     parser.add_argument("--device", default=None, help="default: the local GPU if any, else cpu")
+    parser.add_argument("--compile", action="store_true",
+                        help="also measure every point under torch.compile (slow: inductor compiles each shape)")
     parser.add_argument("--out", default="outputs/isolated.json")
     args = parser.parse_args(argv)
     from parallel.config import STRATEGIES, ConfigError
@@ -362,13 +467,20 @@ def main(argv=None) -> int:
     for s in strategies:
         if s not in STRATEGIES or s in ("none", "tpp", "asg"):
             raise ConfigError(f"--isolated measures the patch strategies (patch, pcpp, patch-sync); got {s!r}")
-    if args.steps <= args.warmup:
-        raise ConfigError(f"--steps {args.steps} must exceed --warmup {args.warmup} to leave stale steps")
+    if args.steps <= args.warmup + (2 if args.compile else 0):
+        raise ConfigError(f"--steps {args.steps} must exceed --warmup {args.warmup}"
+                          + (" by at least 3 with --compile" if args.compile else "") + " to leave stale steps")
     records = sweep([m for m in args.models.split(",") if m], [int(s) for s in args.sizes.split(",") if s],
                     strategies, [int(w) for w in args.worlds.split(",") if w], args.steps, args.warmup, args.ranks,
-                    args.device, portion=args.pcpp_portion, log=lambda line: print(line, file=sys.stderr, flush=True))
+                    args.device, portion=args.pcpp_portion, log=lambda line: print(line, file=sys.stderr, flush=True),
+                    compile_too=args.compile)
     summary = summarize(records)
-    write_results(args.out, {"records": records, "summary": summary}, table(summary, records))
+    results = {"records": records, "summary": summary}
+    text = table(summary, records)
+    if args.compile:
+        results["compiled"] = summarize_compiled(records)
+        text += "\n" + compiled_table(results["compiled"])
+    write_results(args.out, results, text)
     return 0
 
 

@@ -76,7 +76,8 @@ class Entry:
     send: list = field(default_factory=list)  # gather: [own view]; p2p: [to_prev view, to_next view]
     recv: object = None  # gather: [member views]; p2p: (from_prev view, from_next view)
     stacked: torch.Tensor | None = None  # gather of equal shapes: every member's as one (m, ...) view
-    block: tuple | None = None  # (view (m, n, ...) of the n alike entries laid out together, this one's index)
+    block: tuple | None = None  # (view (m, n, ...) of the n alike entries laid out together, this one's
+    #                             index, a key naming the block: the same every step of a request)
 
 
 class Bucket:
@@ -85,10 +86,19 @@ class Bucket:
         self.index = index
         self.entries: list[Entry] = []
         self.work: list = []  # handles of the launch in flight
+        self.busy = False  # launched and not waited for (a plain flag: compiled code reads it)
         self.written = 0
         self.posted_step = -1
 
+    def wait_if_busy(self) -> None:
+        """Wait for the launch in flight, if any. The check is traced by torch.compile;
+        only an actual wait is an opaque call."""
+        if self.busy:
+            self.wait()
+
+    @torch.compiler.disable  # a wait on a work handle: a graph break in a compiled denoiser
     def wait(self, trace: bool = True) -> None:
+        self.busy = False
         if self.work:
             works, self.work = self.work, []
             with self.exchange.stats.waiting(self.device):
@@ -131,7 +141,7 @@ class GatherBucket(Bucket):
             if n > 1 and key[0] and _nbytes(key[2], key[1]) == w:  # no padding between them
                 block = rows[:, first : first + n * w].view(key[1]).view(exchange.size, n, *key[2])
                 for k, i in enumerate(members):
-                    self.entries[i].block = (block, k)
+                    self.entries[i].block = (block, k, (index, first))
         for i, (post, entry) in enumerate(zip(posts, self.entries)):
             offset = offsets[i]
             entry.send = [_typed(self.send, offset, post.shapes[me], post.dtype)]
@@ -147,6 +157,7 @@ class GatherBucket(Bucket):
 
     def launch(self) -> None:
         self.work = [self.exchange._wire_all_gather(self.recv, self.send)]
+        self.busy = True
 
 
 class NeighbourBucket(Bucket):
@@ -190,6 +201,7 @@ class NeighbourBucket(Bucket):
 
     def launch(self) -> None:
         self.work = list(self.exchange._wire_p2p(self.ops)) if self.ops else []
+        self.busy = bool(self.work)
 
 
 class BucketPlan:
@@ -222,9 +234,12 @@ class BucketPlan:
         self.due: Bucket | None = None  # full, launched at the exchange's next call
 
     def launch_due(self) -> None:
-        bucket, self.due = self.due, None
-        if bucket is None:
-            return
+        if self.due is not None:
+            bucket, self.due = self.due, None
+            self._launch(bucket)
+
+    @torch.compiler.disable  # a launch: a graph break in a compiled denoiser
+    def _launch(self, bucket: Bucket) -> None:
         ex = bucket.exchange
         bucket.posted_step = ex.stats.step
         bucket.launch()

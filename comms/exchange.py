@@ -20,6 +20,11 @@ step ends, `flush`) and records the sequence of posts; every later stale step wr
 static buffers and launches a few bucketed operations. Synchronous steps always run slot
 by slot: their results are needed at once. A stale view returned by a call is valid until
 the exchange's next call (buffers are reused).
+
+Under torch.compile (`parallel.compiled`) the bucketed path is traced: writing into the
+send views and reading the receive views become part of the graph, and only a bucket's
+launch and its wait are opaque calls (graph breaks). The slot-by-slot path (`_run`) is
+opaque as a whole.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ class _Slot:
         self.pending: _Pending | None = None
         self.ready = None  # result of the last completed exchange
         self.entry = None  # its place in a bucket, when its last post went there
-        self.read_block = None  # (block, index) when the last stale view was read from a bucket block
+        self.read_block = None  # (block, index, key) when the last stale view was read from a bucket block
 
     @property
     def has_view(self) -> bool:
@@ -124,6 +129,7 @@ class StaleExchange:
                 work.wait()
         return pending.build()
 
+    @torch.compiler.disable  # a wait on a handle: opaque to a compiled denoiser
     def _fetch(self, slot: _Slot):
         if slot.pending is not None:
             self.stats.event("wait", slot.name, slot.pending.posted_step)
@@ -131,6 +137,7 @@ class StaleExchange:
             slot.pending = None
         return slot.ready
 
+    @torch.compiler.disable  # blocking or issuing: opaque to a compiled denoiser (a graph break)
     def _run(self, slot: _Slot, issue: Callable[[], _Pending], sync: bool):
         if sync or not slot.has_view:
             # Nothing stale to read yet (first step): exchange fresh and keep the result.
@@ -157,7 +164,7 @@ class StaleExchange:
             view = self._fetch(slot)
             slot.read_block = None
         else:
-            slot.entry.bucket.wait()
+            slot.entry.bucket.wait_if_busy()
             view = slot.entry.recv
             slot.read_block = slot.entry.block
         slot.ready, slot.entry = None, None
@@ -172,7 +179,7 @@ class StaleExchange:
         plan.launch_due()  # the previous slot's caller is done with its view
         entry = plan.expect(slot)
         stale = self._read_stale(slot)
-        entry.bucket.wait()  # its send buffer is free again
+        entry.bucket.wait_if_busy()  # its send buffer is free again
         slot.entry = entry
         return entry, stale
 
@@ -187,13 +194,14 @@ class StaleExchange:
         entry = plan.sequence[plan.cursor]
         if entry.post.slot is not slot or entry.post.wire != "gather":
             return None
-        entry.bucket.wait()  # the buffer is free once last step's operation completed
+        entry.bucket.wait_if_busy()  # the buffer is free once last step's operation completed
         return entry.send[0]
 
     def stale_block(self, name: str):
-        """(block, index) when slot `name`'s stale view just read came from a bucket where
-        the slots of its kind, dtype and shape lie side by side: `block` (members, n, ...)
-        holds all n of them (valid until their bucket launches again); else None."""
+        """(block, index, key) when slot `name`'s stale view just read came from a bucket
+        where the slots of its kind, dtype and shape lie side by side: `block` (members, n,
+        ...) holds all n of them (valid until their bucket launches again), `key` names the
+        block (equal in every step of a request); else None."""
         slot = self._slots.get(name)
         return None if slot is None else slot.read_block
 
@@ -226,6 +234,11 @@ class StaleExchange:
     ):
         """Every member's tensor, in member order; `shapes[j]` is member j's shape.
         `stacked` (equal shapes): one (members, ...) tensor instead of a list."""
+        if sync:  # blocking: one opaque call under torch.compile, taken before the name is read
+            return self._all_gather_blocking(name, tensor, shapes, sync, coalesce, kind, stacked)
+        return self._all_gather(name, tensor, shapes, sync, coalesce, kind, stacked)
+
+    def _all_gather(self, name, tensor, shapes, sync, coalesce, kind, stacked):
         shapes = [torch.Size(s) for s in shapes]
         if tuple(tensor.shape) != tuple(shapes[self.index]):
             raise ValueError(f"slot {name}: tensor {tuple(tensor.shape)} != declared {tuple(shapes[self.index])}")
@@ -251,6 +264,9 @@ class StaleExchange:
         else:
             stale = self._run(slot, lambda: self._issue_all_gather([tensor], [shapes], [slot.kind])[0], sync)
         return torch.stack(list(stale)) if stacked else stale
+
+    # Under torch.compile a name-dependent traced frame would be compiled once per slot.
+    _all_gather_blocking = torch.compiler.disable(_all_gather)
 
     def _issue_all_gather(self, tensors: list[torch.Tensor], shapes_list: list[list[torch.Size]], kinds: list[str]):
         """One all-gather carrying several tensors; returns one _Pending per tensor."""
@@ -337,6 +353,10 @@ class StaleExchange:
         the receive buffers need no handshake. Members at the ends pass None. Received
         tensors take the dtype and device of `like`.
         """
+        args = (name, like, to_prev, to_next, from_prev_shape, from_next_shape, sync, kind)
+        return self._neighbours_blocking(*args) if sync else self._neighbours(*args)
+
+    def _neighbours(self, name, like, to_prev, to_next, from_prev_shape, from_next_shape, sync, kind):
         slot = self._slot(name, kind)
         if not sync:
             bucketed = self._bucketed(slot)
@@ -391,3 +411,5 @@ class StaleExchange:
             return _Pending(works, lambda: (recv_prev, recv_next), self.stats.step, (send_prev, send_next))
 
         return self._run(slot, issue, sync)
+
+    _neighbours_blocking = torch.compiler.disable(_neighbours)  # see _all_gather_blocking

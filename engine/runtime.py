@@ -25,6 +25,7 @@ from engine.fidelity import compare
 from engine.latents import spatial_latents
 from engine.models import denoiser_of, info_from_pipeline, load_pipeline, pipeline_call_kwargs, resolve_scheduler
 from engine.request import GenerateRequest
+from parallel.compiled import install_compiled
 from parallel.context import PatchContext
 from parallel.vae import parallelize_vae
 from parallel.registry import backbone_of
@@ -123,6 +124,7 @@ class RankRuntime:
         backbone = backbone_of(self.pipe)
         backbone.install(self.pipe, self.ctx)
         self.denoiser = denoiser_of(self.pipe)
+        install_compiled(self.denoiser, self.ctx)  # runs eagerly unless a request asks to compile
         self.info = info_from_pipeline(model, self.pipe)
         if self.info.align != backbone.align:  # validation and the parallel layers must agree
             raise RuntimeError(f"{model}: band alignment {self.info.align} != {backbone.align} of the parallel layers")
@@ -195,6 +197,7 @@ class RankRuntime:
 
         start = time.perf_counter()
         asg_report, asg_rank = None, {}
+        self.ctx.use_compile(cfg.compile)
         if cfg.strategy == "asg":
             latents, asg_report, asg_rank = self._denoise_asg(request)
         elif cfg.strategy == "none":
@@ -211,6 +214,7 @@ class RankRuntime:
                     pass  # the original error is the one to report
                 raise
             self.ctx.end_request()
+        self.ctx.use_compile(False)
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # NCCL waits and kernels are asynchronous
             self.stats.resolve_cuda_waits()
@@ -280,6 +284,8 @@ class RankRuntime:
             "warmup_steps": cfg.warmup_steps,
             "pcpp_portion": cfg.pcpp_portion if cfg.strategy == "pcpp" else None,
             "gn_mode": cfg.gn_mode,
+            "bucket_mb": cfg.bucket_mb,
+            "compile": cfg.compile,
             "cfg_split": request.cfg_split,
             "device": str(device),
             "dtype": str(self.denoiser.dtype).replace("torch.", ""),

@@ -68,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--bucket-mb", type=float, default=None,
                      help="MB per bucketed phase of a stale step's posts (default: three phases; 0: one "
                           "operation per layer)")
+    gen.add_argument("--compile", action="store_true",
+                     help="torch.compile the denoiser with the parallel layers (none/patch/patch-sync/pcpp; "
+                          "the first compiled step takes long)")
     cfg = gen.add_mutually_exclusive_group()
     cfg.add_argument("--cfg-split", dest="cfg_split", action="store_true", default=None,
                      help="CFG halves on two rank groups (default: on when guided and the world is even)")
@@ -128,6 +131,7 @@ def generate(args) -> int:
         gn_mode=args.gn_mode,
         cfg_split=args.cfg_split,
         bucket_mb=args.bucket_mb,
+        compile=args.compile,
         comm_timeout_s=args.timeout,
     ).validate()
     dtype = getattr(torch, args.dtype) if args.dtype else None

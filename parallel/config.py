@@ -55,6 +55,9 @@ class ParallelConfig:
                    buffers: None cuts each step into three phases of about equal bytes,
                    a positive number into phases of about that many MB, 0 sends every
                    layer's post as its own operation (slower; for comparison).
+    compile:       torch.compile the denoiser with the parallel layers (inductor): the
+                   repeating steps run compiled, the warm-up and the first stale step
+                   eagerly (parallel/compiled.py). Strategies none, patch, patch-sync, pcpp.
     comm_timeout_s: bound on any collective; a vanished peer becomes an error, not a hang.
     trace_comms:   record every post and wait of stale exchanges in the report.
     threads_per_rank: CPU threads per spawned rank (None: cores / local ranks).
@@ -72,6 +75,7 @@ class ParallelConfig:
     gn_mode: str = "corrected"
     cfg_split: bool | None = None
     bucket_mb: float | None = None
+    compile: bool = False
     comm_timeout_s: float = 120.0
     trace_comms: bool = False
     threads_per_rank: int | None = None
@@ -109,6 +113,11 @@ class ParallelConfig:
         mb = self.bucket_mb
         if mb is not None and (isinstance(mb, bool) or not isinstance(mb, (int, float)) or mb < 0):
             raise ConfigError(f"bucket_mb must be None, 0 or a positive number of MB, got {mb!r}")
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"compile must be True or False, got {self.compile!r}")
+        if self.compile and self.strategy not in ("none",) + PATCH_STRATEGIES:
+            raise ConfigError(f"compile supports the strategies none, {', '.join(PATCH_STRATEGIES)}; "
+                              f"not {self.strategy!r}")
         if self.comm_timeout_s <= 0:
             raise ConfigError("comm_timeout_s must be positive")
         if self.threads_per_rank is not None and self.threads_per_rank < 1:

@@ -47,6 +47,12 @@ class PatchContext:
         self._whole: tuple[torch.Tensor, torch.Tensor] | None = None  # (band, full) of the denoiser input
         self._weights: dict = {}
         self.step_cache: dict = {}
+        # Per-step constants: layers read these, never `step` (under torch.compile a value
+        # read is guarded on, and a guard on the step number would recompile every step).
+        self._sync = True
+        self.seeding_pcpp = False  # the last warm-up step of pcpp primes its adjacent views
+        self.compile_requested = False  # ParallelConfig.compile of the current request
+        self.compile_step = False  # this step runs the compiled denoiser (parallel.compiled)
         self.rebind(topo)
 
     def rebind(self, topo: Topology) -> None:
@@ -80,6 +86,11 @@ class PatchContext:
         self.step = -1
         self.enabled = True
 
+    def use_compile(self, on: bool) -> None:
+        """Run the compiled denoiser (parallel.compiled) in this request's repeating steps;
+        without a row split, in every step."""
+        self.compile_requested = self.compile_step = on
+
     def end_request(self) -> None:
         if self.layout is not None and self.layout.patch_exchange is not None:
             self.layout.patch_exchange.reset()  # wait for what is still in flight
@@ -93,6 +104,14 @@ class PatchContext:
         self.step += 1
         self.stats.step = self.step
         self.step_cache = {}  # what layers derive once per step and share (GroupNorm blocks)
+        cfg = self.layout.config
+        self._sync = cfg.strategy == "patch-sync" or self.step < cfg.warmup_steps
+        self.seeding_pcpp = cfg.strategy == "pcpp" and self.step == cfg.warmup_steps - 1
+        # Warm-up steps, the first stale step (it records the buckets) and the first bucketed
+        # one (it still reads the first stale step's posts) run eagerly: each runs once per
+        # request, and compiling its variant would cost more than it saves.
+        self.compile_step = self.compile_requested and (
+            cfg.strategy == "patch-sync" or self.step > cfg.warmup_steps + 1)
 
     def end_step(self) -> None:
         self._whole = None
@@ -107,8 +126,7 @@ class PatchContext:
     @property
     def sync(self) -> bool:
         """Whether this step's exchanges are fresh and blocking."""
-        cfg = self.layout.config
-        return cfg.strategy == "patch-sync" or self.step < cfg.warmup_steps
+        return self._sync
 
     @property
     def pcpp(self) -> bool:

@@ -74,9 +74,9 @@ def corrected_from_terms(shift, spread, fresh_mean, fresh_var, own_stale_mean):
     return mean, torch.where(var < 0, fresh_var, var)
 
 
-def _stale_terms(ctx, block: torch.Tensor, k: int):
+def _stale_terms(ctx, block: torch.Tensor, k: int, name):
     """This layer's stale terms, from the terms of its whole block (cached for the step)."""
-    key = ("gn", id(block))  # the same view object every step of a request (comms.buckets)
+    key = ("gn", name)
     terms = ctx.step_cache.get(key)
     if terms is None:
         terms = ctx.step_cache[key] = stale_terms(ctx.band_weights(block.device), block, ctx.index)
@@ -113,10 +113,10 @@ class PatchGroupNorm(SwappedLayer, nn.GroupNorm):
             own_mean, own_var = stats[ctx.index].unbind(-1)
             if extrapolated:  # one stacked tensor of the four, so one lerp predicts them all
                 seen = torch.stack([g_mean, g_var, own_mean, own_var])
-                g_mean, g_var, own_mean, own_var = self._extrapolated(seen, ctx.step, sync=False).unbind(0)
+                g_mean, g_var, own_mean, own_var = self._extrapolated_at(seen, ctx, sync=False).unbind(0)
             g_mean, g_var = corrected(g_mean, g_var, mean, var, own_mean, own_var)
         elif extrapolated:  # remember what this step saw for the first stale steps
-            self._extrapolated(torch.stack([g_mean, g_var, mean, var]), ctx.step, sync=True)
+            self._extrapolated_at(torch.stack([g_mean, g_var, mean, var]), ctx, sync=True)
         return self._normalise(x, g_mean, g_var)
 
     def _normalise(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
@@ -135,6 +135,8 @@ class PatchGroupNorm(SwappedLayer, nn.GroupNorm):
         whenever the parameters are replaced or modified in place (their version moves)."""
         if not self.affine:
             return None, None
+        if torch.compiler.is_compiling():  # traced: the compiler folds the repeat into the graph
+            return self.weight.float().repeat(batch), self.bias.float().repeat(batch)
         try:
             key = (batch, self.weight.data_ptr(), self.weight._version, self.bias.data_ptr(), self.bias._version)
         except RuntimeError:  # inference tensors keep no version: never cache them
@@ -146,6 +148,10 @@ class PatchGroupNorm(SwappedLayer, nn.GroupNorm):
                 bias = self.bias.detach().float().repeat(batch)
             self._tessera_affine = cached = (key, weight, bias)
         return cached[1], cached[2]
+
+    @torch.compiler.disable  # per-step history keyed by the step number: eager under compile
+    def _extrapolated_at(self, stats: torch.Tensor, ctx, sync: bool) -> torch.Tensor:
+        return self._extrapolated(stats, ctx.step, sync)
 
     def _extrapolated(self, stats: torch.Tensor, step: int, sync: bool) -> torch.Tensor:
         """Stale statistics predicted one step ahead from the ones seen a step earlier.

@@ -35,7 +35,7 @@ def band_kv(ctx, name: str, kv: torch.Tensor) -> torch.Tensor:
     shapes = [torch.Size((kv.shape[0], plan.rows(j, scale) * cols, kv.shape[-1])) for j in range(plan.members)]
     parts = ctx.exchange.all_gather(name, kv, shapes, sync=ctx.sync, kind="kv")
     parts = [kv if j == index else p for j, p in enumerate(parts)]
-    if ctx.pcpp and ctx.step == ctx.layout.config.warmup_steps - 1:
+    if ctx.seeding_pcpp:
         _seed_adjacent_view(ctx, name, parts, scale, cols)
     return torch.cat(parts, dim=1)
 
