@@ -217,11 +217,12 @@ def main(argv=None) -> int:
     parser.add_argument("--peers", default="ulysses", help="comma-separated peers to run where supported ('' for none)")
     parser.add_argument("--out", default="outputs/bench.json")
     args = parser.parse_args(argv)
-    from parallel.config import STRATEGIES, ConfigError
+    from parallel.config import PATCH_STRATEGIES, ConfigError
+    from parallel.registry import strategy_of
 
     for s in args.strategies.split(","):
-        if s not in STRATEGIES or s in ("none", "tpp", "asg"):
-            raise ConfigError(f"bench sweeps the patch strategies (patch, pcpp, patch-sync); got {s!r}")
+        if not strategy_of(s).splits_rows:
+            raise ConfigError(f"bench sweeps the patch strategies ({', '.join(PATCH_STRATEGIES)}); got {s!r}")
     records = sweep(args)
     write_results(args.out, records, table(records))
     for path in plots(records, args.out):

@@ -62,7 +62,7 @@ class Subject:
     """A denoiser ready to measure: its call arguments at one size and its band geometry."""
 
     name: str
-    holder: object  # has .unet or .transformer: what parallel.registry.backbone_of takes
+    holder: object  # has .unet or .transformer: what parallel.backbones.backbone_of takes
     denoiser: torch.nn.Module
     call: tuple  # (args, kwargs) of one denoiser call
     latent: tuple  # (rows, cols) of the latent
@@ -243,7 +243,7 @@ class IsolatedRanks:
         from comms.isolated import exchange_factory
         from parallel.compiled import install_compiled
         from parallel.context import PatchContext
-        from parallel.registry import backbone_of
+        from parallel.backbones import backbone_of
 
         self.subject = subject
         self.stats = CommStats()
@@ -292,10 +292,12 @@ class IsolatedRanks:
     def measure(self, config, world: int, rank: int, steps: int, cfg_split: bool = False) -> dict:
         from torch._dynamo.utils import counters
 
+        from parallel.registry import strategy_of
+
         self.place(world, rank)
         # the first stale step runs slot by slot and records the buckets (comms.buckets);
         # compiled, the first bucketed step runs eagerly too (parallel.compiled)
-        steady_from = 1 if config.strategy == "patch-sync" else config.warmup_steps + 1 + int(config.compile)
+        steady_from = strategy_of(config).steady_from(config.warmup_steps, compiled=config.compile)
         if steady_from >= steps:
             raise ValueError(f"{steps} steps leave no steady step after {steady_from}")
         counters.clear()
@@ -461,12 +463,13 @@ def main(argv=None) -> int:
                         help="also measure every point under torch.compile (slow: inductor compiles each shape)")
     parser.add_argument("--out", default="outputs/isolated.json")
     args = parser.parse_args(argv)
-    from parallel.config import STRATEGIES, ConfigError
+    from parallel.config import PATCH_STRATEGIES, ConfigError
+    from parallel.registry import strategy_of
 
     strategies = [s for s in args.strategies.split(",") if s]
     for s in strategies:
-        if s not in STRATEGIES or s in ("none", "tpp", "asg"):
-            raise ConfigError(f"--isolated measures the patch strategies (patch, pcpp, patch-sync); got {s!r}")
+        if not strategy_of(s).splits_rows:
+            raise ConfigError(f"--isolated measures the patch strategies ({', '.join(PATCH_STRATEGIES)}); got {s!r}")
     if args.steps <= args.warmup + (2 if args.compile else 0):
         raise ConfigError(f"--steps {args.steps} must exceed --warmup {args.warmup}"
                           + (" by at least 3 with --compile" if args.compile else "") + " to leave stale steps")

@@ -14,9 +14,10 @@ SDPA), which supports context parallelism. Outputs are checked against the seria
 from __future__ import annotations
 
 import os
-import socket
 import statistics
 import time
+
+from comms.groups import free_port
 
 
 def supports_ulysses(model: str) -> bool:
@@ -33,12 +34,6 @@ def ulysses_limit(model: str) -> int:
     import torch
 
     return load_pipeline(model, torch.device("cpu")).transformer.config.num_attention_heads
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ulysses_rank(rank: int, world: int, port: int, threads: int, job: dict, results) -> None:
@@ -88,7 +83,7 @@ def run_ulysses(model: str, world: int, job: dict, timeout_s: float = 600.0) -> 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     threads = max(1, (os.cpu_count() or 1) // world)
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_ulysses_rank, args=(r, world, port, threads, dict(job, model=model), results),
                          daemon=True) for r in range(world)]
     for p in procs:

@@ -1,6 +1,10 @@
 """ASG traffic: overlap strips between tile ranks, view pixels to the branch rank, the
 branch's guidance back, and the final latent.
 
+Everything here works on flat index tensors over the last two dimensions (which positions
+to swap with whom, which to send): the geometry that decides them is the caller's
+(`parallel.asg_tiles.TilePlan.strip_indices` / `branch_indices`).
+
 - `StripExchange` (tile ranks only): each tile rank has summed the predictions of its own
   tiles; it swaps the partial sums on the positions it shares with another tile rank (the
   overlap strips, nothing else), so each completes the average over its own region. On
@@ -24,28 +28,23 @@ import torch.distributed as dist
 
 from comms import wire
 from comms.stats import nbytes
-from parallel.asg_tiles import TilePlan
 
 STRIP_TAG = 7101
 VIEW_TAG = 7102
 
 
-def _positions(mask: torch.Tensor, device) -> torch.Tensor:
-    """Flat indices of a boolean mask's True entries, on `device`. Exchanges gather and
-    scatter by these, made once per request: a boolean mask would sync a GPU on every
-    gather, a CPU index would be copied to it on every step."""
-    return mask.flatten().nonzero().squeeze(1).to(device)
-
-
 class StripExchange:
-    def __init__(self, plan: TilePlan, stats, group=None, device=None):
-        self.plan, self.stats, self.group = plan, stats, group
-        me = plan.index
-        self.peers = [s for s in range(plan.tile_ranks) if s != me]
-        self.view = plan.view.to(device)
-        self.shared = {s: _positions(plan.shared(s), device) for s in self.peers}
-        self.view_mine = plan.view[plan.view_covered(me)].to(device)
-        self.view_theirs = {s: _positions(plan.view_covered(s), device) for s in self.peers}
+    """Swaps partial sums with peers. Index tensors (flat, on the compute device, made once
+    per request: a boolean mask would sync a GPU on every gather):
+    - `view`: the positions of the view pixels (the branch's grid), in view order;
+    - `shared[peer]`: positions this rank and `peer` both hold;
+    - `view_mine`: the positions of the view pixels this rank holds;
+    - `view_theirs[peer]`: the places in the view of the pixels `peer` holds."""
+
+    def __init__(self, view, shared: dict, view_mine, view_theirs: dict, stats, group=None):
+        self.stats, self.group = stats, group
+        self.peers = list(shared)
+        self.view, self.shared, self.view_mine, self.view_theirs = view, shared, view_mine, view_theirs
 
     def complete(self, partial: torch.Tensor, with_view: bool):
         """(the averaged-region sum, the full sum on the view pixels (B, C, n) or None)."""
@@ -82,17 +81,17 @@ class StripExchange:
 
 
 class BranchChannel:
-    def __init__(self, plan: TilePlan, stats, group=None, device=None):
-        self.branch = plan.tile_ranks  # the rank after the tile ranks
+    """Tile ranks 0..n-1 and the branch rank n. `owned[r]`: (the positions of the view pixels
+    tile rank r sends, their places in the view); `mine`: this rank's positions to send."""
+
+    def __init__(self, branch: int, view_size: int, owned: list, mine, stats, group=None):
+        self.branch = branch
         self.rank = dist.get_rank()
         self.stats, self.group = stats, group
         self.world = dist.get_world_size(group)
         self.inflight: list = []  # sends and broadcasts to finish before the request ends
-        self.view_size = plan.view.numel()
-        # per tile rank: (its owned view pixels' latent positions, their places in the view)
-        self.owned = [(plan.view[plan.view_owned(r)].to(device), _positions(plan.view_owned(r), device))
-                      for r in range(plan.tile_ranks)]
-        self.mine = self.owned[plan.index][0]
+        self.view_size = view_size
+        self.owned, self.mine = owned, mine
 
     def send_view(self, sample: torch.Tensor) -> None:
         """Tile rank: start sending its own view pixels of `sample` to the branch rank."""

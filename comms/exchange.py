@@ -102,10 +102,6 @@ class StaleExchange:
     def end_request(self) -> None:
         """Called once every operation of a request has completed (hook for subclasses)."""
 
-    def has_stale(self, name: str) -> bool:
-        slot = self._slots.get(name)
-        return slot is not None and slot.has_view
-
     def _slot(self, name: str, kind: str = "other") -> _Slot:
         slot = self._slots.get(name)
         if slot is None:

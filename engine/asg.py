@@ -393,8 +393,9 @@ class ParallelStructureGuidedTiles(StructureGuidedTiles):
         self.plan = TilePlan.build(self.grid, tile_ranks, min(rank, tile_ranks - 1))
         self.my_tiles = [] if self.is_branch else self.grid.assign(tile_ranks)[rank]
         device = self.denoiser.device
-        self.strips = None if self.is_branch else StripExchange(self.plan, stats, strips_group, device)
-        self.channel = BranchChannel(self.plan, stats, branch_group, device)
+        self.strips = None if self.is_branch else StripExchange(**self.plan.strip_indices(device), stats=stats,
+                                                                 group=strips_group)
+        self.channel = BranchChannel(**self.plan.branch_indices(device), stats=stats, group=branch_group)
         self.staleness = staleness
         self.posted: dict = {}  # step -> broadcast in flight
         self.ready: dict = {}  # step -> (G, M) received

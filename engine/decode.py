@@ -42,10 +42,14 @@ def _unscale(vae, latents: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x / config.scaling_factor + (getattr(config, "shift_factor", None) or 0.0)
 
 
+def unit_to_uint8(values: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] (clipped) to uint8, rounded to the nearest level."""
+    return (np.clip(values, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
 def to_uint8(image: torch.Tensor) -> np.ndarray:
     """Decoder output (N, 3, H, W) in [-1, 1] to uint8 images (N, H, W, 3)."""
-    image = (image.float() / 2 + 0.5).clamp(0, 1)
-    return (image.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    return unit_to_uint8((image.float() / 2 + 0.5).permute(0, 2, 3, 1).cpu().numpy())
 
 
 @torch.no_grad()

@@ -29,6 +29,7 @@ from comms import groups
 from engine.models import check_model_spec
 from engine.request import build_request
 from parallel.config import ConfigError, ParallelConfig
+from parallel.registry import default_strategy, names, strategy_of
 
 
 @dataclass
@@ -169,10 +170,11 @@ class Engine:
         video = is_video_model(model)
         if parallel is None:
             world = env[1] if env else 1
-            parallel = ParallelConfig(strategy=("tpp" if video else "patch") if world > 1 else "none", world_size=world)
+            parallel = ParallelConfig(strategy=default_strategy(world, video), world_size=world)
         parallel = parallel.validate()
-        if video and parallel.strategy not in ("none", "tpp"):
-            raise ConfigError(f"{model} is a streaming video model: use strategy 'tpp' (or 'none' on one rank), "
+        if video and not strategy_of(parallel).streams_video:
+            raise ConfigError(f"{model} is a streaming video model: use strategy "
+                              f"{' or '.join(repr(n) for n in names(lambda s: s.streams_video))} (serial: one rank), "
                               f"not {parallel.strategy!r}")
         ray = launcher == "ray"
         _check_device(device, env[1] if env else parallel.world_size or 1,

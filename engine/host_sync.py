@@ -104,8 +104,3 @@ def take_calls() -> list[str]:
     d.armed = False
     calls, d.calls = d.calls, []
     return calls
-
-
-def steady_from(strategy: str, warmup_steps: int) -> int:
-    """The first step index the detector watches: after the first stale step."""
-    return warmup_steps + 1 if strategy in ("patch", "pcpp") else 1

@@ -12,7 +12,8 @@ from dataclasses import dataclass, replace
 
 from engine.models import ModelInfo, resolve_scheduler
 from parallel.bands import BandPlan
-from parallel.config import PATCH_STRATEGIES, ConfigError, ParallelConfig, is_int
+from parallel.config import ConfigError, ParallelConfig, is_int
+from parallel.registry import strategy_of
 
 
 @dataclass(frozen=True)
@@ -29,10 +30,6 @@ class GenerateRequest:
     cfg_split: bool
     compare_serial: bool = False
     progress: bool = True
-
-    @property
-    def uses_guidance(self) -> bool:
-        return self.guidance_scale > 1.0
 
 
 def _prompts(value, what: str) -> tuple[str, ...]:
@@ -67,8 +64,9 @@ def build_request(
     if getattr(info, "kind", "image") == "video":
         raise ConfigError(f"{info.name} is a streaming video model: call engine.stream(...) "
                           "(CLI: tessera stream), not generate")
-    if parallel.strategy == "tpp":
-        raise ConfigError(f"strategy 'tpp' streams video from a causal video model (e.g. tiny-causal-video); "
+    strategy = strategy_of(parallel)
+    if not strategy.serves_images:
+        raise ConfigError(f"strategy {parallel.strategy!r} streams video from a causal video model (e.g. tiny-causal-video); "
                           f"{info.name} is an image model")
     world = parallel.world_size or 1
     prompts = _prompts(prompt, "prompt")
@@ -95,7 +93,7 @@ def build_request(
     for what, size in (("height", height), ("width", width)):
         if size % vae:
             raise ConfigError(f"{what} {size} is not a multiple of {vae} (the VAE's downsampling factor)")
-    if parallel.strategy in PATCH_STRATEGIES:
+    if strategy.splits_rows:
         for what, size in (("height", height), ("width", width)):
             if size % info.pixel_align:
                 raise ConfigError(
@@ -103,7 +101,7 @@ def build_request(
                     f"denoiser downsampling or patch size {info.align}), which patch parallelism needs"
                 )
 
-    if parallel.strategy == "asg":
+    if strategy.runner == "tiles":
         from engine.asg import asg_plan
 
         asg_plan(info, parallel, height, width, steps)  # raises on bad geometry
@@ -115,9 +113,9 @@ def build_request(
         if world % 2:
             raise ConfigError(f"cfg_split needs an even world size, got {world}")
     elif cfg_split is None:
-        cfg_split = guided and world > 1 and world % 2 == 0 and parallel.strategy != "asg"
+        cfg_split = guided and world > 1 and world % 2 == 0 and strategy.splits_cfg
     members = world // 2 if cfg_split else world
-    if parallel.strategy in PATCH_STRATEGIES:
+    if strategy.splits_rows:
         BandPlan.split(height // vae, width // vae, members, info.align)  # raises on too many ranks
     return GenerateRequest(
         prompt=prompts,

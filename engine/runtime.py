@@ -27,8 +27,9 @@ from engine.models import denoiser_of, info_from_pipeline, load_pipeline, pipeli
 from engine.request import GenerateRequest
 from parallel.compiled import install_compiled
 from parallel.context import PatchContext
+from parallel.registry import strategy_of
 from parallel.vae import parallelize_vae
-from parallel.registry import backbone_of
+from parallel.backbones import backbone_of
 
 
 @dataclass
@@ -66,7 +67,7 @@ def _host_sync_watch(cfg):
     """The pipeline callback arming the testing hook in engine.host_sync (None when off)."""
     if host_sync.detector() is None:
         return None
-    first = host_sync.steady_from(cfg.strategy, cfg.warmup_steps)
+    first = strategy_of(cfg).steady_from(cfg.warmup_steps)
 
     def callback(pipe, step, timestep, kwargs):
         host_sync.arm(step + 1 >= first)  # watch the steps from `first` on
@@ -198,9 +199,10 @@ class RankRuntime:
         start = time.perf_counter()
         asg_report, asg_rank = None, {}
         self.ctx.use_compile(cfg.compile)
-        if cfg.strategy == "asg":
+        runner = strategy_of(cfg).runner
+        if runner == "tiles":
             latents, asg_report, asg_rank = self._denoise_asg(request)
-        elif cfg.strategy == "none":
+        elif runner == "serial":
             latents = self._denoise(request)
         else:
             vae = self.info.vae_scale_factor
@@ -282,7 +284,7 @@ class RankRuntime:
             "seed": request.seed,
             "scheduler": scheduler,
             "warmup_steps": cfg.warmup_steps,
-            "pcpp_portion": cfg.pcpp_portion if cfg.strategy == "pcpp" else None,
+            "pcpp_portion": cfg.pcpp_portion if strategy_of(cfg).adjacent_kv else None,
             "gn_mode": cfg.gn_mode,
             "bucket_mb": cfg.bucket_mb,
             "compile": cfg.compile,
@@ -339,7 +341,7 @@ class RankRuntime:
         self.pipe.set_progress_bar_config(disable=True)
         self.ctx.enabled = False
         start = time.perf_counter()
-        if request.parallel.strategy == "asg":
+        if strategy_of(request.parallel).runner == "tiles":
             ref_latents = self._denoise_asg(request, reference=True)[0]
         else:
             ref_latents = self._denoise(request)

@@ -32,6 +32,7 @@ from engine import host_sync
 from engine.faults import FAULT_ENV, injected_delay, injected_fault_step
 from engine.video import VideoModel, flow_sigmas, load_video_model, wan_vae_factor
 from parallel.config import ConfigError, is_int
+from parallel.registry import names, strategy_of
 from parallel.tpp import StagePlan
 
 
@@ -90,14 +91,20 @@ class StreamRequest:
     world_size: int
 
 
+def _video_names(multi_rank: bool | None = None) -> list[str]:
+    return names(lambda s: s.streams_video and (multi_rank is None or s.multi_rank == multi_rank))
+
+
 def build_stream_request(info: VideoInfo, strategy: str, world_size: int, prompt: str, num_chunks=None,
                          steps: int | None = None, seed: int = 0, height: int | None = None,
                          width: int | None = None, kv_window: int | None = None) -> StreamRequest:
     """Check a stream request before any rank works; errors say what to change."""
     if not isinstance(prompt, str) or not prompt:
         raise ConfigError("stream needs one non-empty prompt string")
-    if strategy not in ("none", "tpp"):
-        raise ConfigError(f"a video model streams with strategy 'tpp' (or 'none', one rank); got {strategy!r}")
+    kind = strategy_of(strategy)
+    if not kind.streams_video:
+        raise ConfigError(f"a video model streams with strategy {' or '.join(repr(n) for n in _video_names())} "
+                          f"(serial: one rank); got {strategy!r}")
     steps = info.steps if steps is None else steps
     if not is_int(steps) or not 1 <= steps <= info.max_steps:
         raise ConfigError(f"{info.name}: steps per chunk must be an integer in 1..{info.max_steps} "
@@ -112,10 +119,11 @@ def build_stream_request(info: VideoInfo, strategy: str, world_size: int, prompt
     kv_window = info.kv_window if kv_window is None else kv_window
     if not is_int(kv_window) or kv_window < 0:
         raise ConfigError(f"kv_window must be a non-negative integer (chunks), got {kv_window!r}")
-    if strategy == "tpp":
+    if kind.multi_rank:
         StagePlan.build(steps, world_size)  # raises when there are more ranks than steps
     elif world_size != 1:
-        raise ConfigError(f"strategy 'none' streams on one rank; this engine has {world_size} (use 'tpp')")
+        raise ConfigError(f"strategy {strategy!r} streams on one rank; this engine has {world_size} "
+                          f"(use {' or '.join(repr(n) for n in _video_names(multi_rank=True))})")
     return StreamRequest(prompt, num_chunks, steps, seed, height, width, kv_window, strategy, world_size)
 
 
@@ -179,7 +187,7 @@ class VideoRuntime:
         `should_stop()` is asked by rank 0 before each chunk; `may_start(chunk)` lets a
         launcher hold rank 0 back while the consumer is behind (backpressure)."""
         device = self.topo.device
-        ranks = request.world_size if request.strategy == "tpp" else 1
+        ranks = request.world_size if strategy_of(request.strategy).multi_rank else 1
         rank = self.topo.rank if ranks > 1 else 0
         plan = StagePlan.build(request.steps, ranks)
         mine = plan.steps_of(rank)

@@ -22,9 +22,7 @@ from collections import deque
 
 import numpy as np
 
-
-def to_uint8(frames: np.ndarray) -> np.ndarray:
-    return (np.clip(frames, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+from engine.decode import unit_to_uint8
 
 
 class VideoStream:
@@ -71,7 +69,7 @@ class VideoStream:
             raise
         self._arrivals.append(time.perf_counter() - self._start)
         self._frames += len(frames)
-        self._pending.extend(frames if self.float_frames else to_uint8(frames))
+        self._pending.extend(frames if self.float_frames else unit_to_uint8(frames))
         if self.progress:
             fps = self._steady_fps()
             sys.stderr.write(f"\rchunk {chunk + 1}: {self._frames} frames, "

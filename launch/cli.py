@@ -51,8 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--scheduler", default=None, help="diffusers scheduler class, e.g. DDIMScheduler")
     gen.add_argument("--strategy", choices=STRATEGIES, default=None,
                      help="default: patch with several ranks, none with one")
-    gen.add_argument("--warmup-steps", type=int, default=4)
-    gen.add_argument("--pcpp-portion", type=float, default=0.3,
+    gen.add_argument("--warmup-steps", type=int, default=ParallelConfig.warmup_steps)
+    gen.add_argument("--pcpp-portion", type=float, default=ParallelConfig.pcpp_portion,
                      help="pcpp: share of each adjacent band's rows that self-attention sees")
     gen.add_argument("--asg-tile-overlap", type=int, default=None,
                      help="asg: latent rows shared by neighbouring native-size tiles (default: a quarter tile)")
@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="asg: last steps without structure guidance (default: a quarter of the steps)")
     gen.add_argument("--asg-staleness", type=int, default=ParallelConfig.asg_staleness, choices=(0, 1),
                      help="asg: age in steps of the guidance tiles use in a parallel run")
-    gen.add_argument("--gn-mode", choices=GN_MODES, default="corrected")
+    gen.add_argument("--gn-mode", choices=GN_MODES, default=ParallelConfig.gn_mode)
     gen.add_argument("--bucket-mb", type=float, default=None,
                      help="MB per bucketed phase of a stale step's posts (default: three phases; 0: one "
                           "operation per layer)")
@@ -79,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     add_launcher_arguments(gen)
     gen.add_argument("--device", default=None, help="cpu or cuda (default: the rank's local GPU if any)")
     gen.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None)
-    gen.add_argument("--timeout", type=float, default=120.0, help="seconds any collective may take")
+    gen.add_argument("--timeout", type=float, default=ParallelConfig.comm_timeout_s, help="seconds any collective may take")
     gen.add_argument("--out", default="outputs/image.png")
     gen.add_argument("--report", default=None, help="write the JSON report here")
     gen.add_argument("--compare-serial", action="store_true", help="also run serially and report fidelity")
@@ -115,9 +115,10 @@ def generate(args) -> int:
     from engine.models import describe_model
     from engine.request import build_request
     from parallel.config import ConfigError
+    from parallel.registry import default_strategy
 
     world = _world(args)
-    strategy = args.strategy or ("patch" if world > 1 else "none")
+    strategy = args.strategy or default_strategy(world, video=False)
     parallel = ParallelConfig(
         strategy=strategy,
         world_size=world,

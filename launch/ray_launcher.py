@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import time
 from collections import OrderedDict
@@ -50,9 +49,9 @@ class RankActor:
         return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
 
     def free_port(self) -> int:
-        with socket.socket() as s:
-            s.bind(("", 0))
-            return s.getsockname()[1]
+        from comms.groups import free_port
+
+        return free_port("")
 
     def pid(self) -> int:
         return os.getpid()

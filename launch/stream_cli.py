@@ -99,6 +99,7 @@ def stream_command(args) -> int:
     from engine import Engine, ParallelConfig
     from engine.engine import _json_safe
     from parallel.config import ConfigError
+    from parallel.registry import default_strategy
 
     if args.endless and args.compare_serial:
         raise ConfigError("--compare-serial needs a finite stream (--chunks N), not --endless")
@@ -108,7 +109,7 @@ def stream_command(args) -> int:
     chunks = None if args.endless else args.chunks
     launched = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun every rank runs this command
     world = args.nproc or (launched if launched > 1 else None)
-    parallel = ParallelConfig(strategy="tpp" if (world or 1) > 1 else "none", world_size=world).validate()
+    parallel = ParallelConfig(strategy=default_strategy(world or 1, video=True), world_size=world).validate()
     request = dict(num_chunks=chunks, steps=args.steps, seed=args.seed, height=args.height, width=args.width,
                    kv_window=args.kv_window)
     from engine.models import check_model_spec
@@ -145,7 +146,8 @@ def stream_command(args) -> int:
     if kept is not None and interrupted:
         print("interrupted: no comparison with the serial stream", file=sys.stderr)
     elif kept is not None:
-        with Engine.from_pretrained(args.model, parallel=replace(parallel, strategy="none", world_size=1),
+        with Engine.from_pretrained(args.model, parallel=replace(parallel, strategy=default_strategy(1, video=True),
+                                                                 world_size=1),
                                     device=args.device) as serial:
             ref_stream = serial.stream(args.prompt, **request)
             reference = np.stack(list(ref_stream))

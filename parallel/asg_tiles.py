@@ -82,6 +82,13 @@ class TileGrid:
         return out
 
 
+def positions(mask: torch.Tensor, device) -> torch.Tensor:
+    """Flat indices of a boolean mask's True entries, on `device`. Exchanges gather and
+    scatter by these, made once per request: a boolean mask would sync a GPU on every
+    gather, a CPU index would be copied to it on every step."""
+    return mask.flatten().nonzero().squeeze(1).to(device)
+
+
 def view_index(height: int, width: int, native: tuple[int, int]) -> torch.Tensor:
     """Flat (row * width + column) indices of the latent positions a nearest-neighbour
     downsampling to `native` picks, in row-major order of the native grid. Built with
@@ -151,6 +158,20 @@ class TilePlan:
                 earlier |= covered
             self._view_owned = owned
         return self._view_owned[rank]
+
+    def strip_indices(self, device) -> dict:
+        """The index tensors of `comms.asg_channel.StripExchange` for this rank."""
+        peers = [s for s in range(self.tile_ranks) if s != self.index]
+        return dict(view=self.view.to(device),
+                    shared={s: positions(self.shared(s), device) for s in peers},
+                    view_mine=self.view[self.view_covered(self.index)].to(device),
+                    view_theirs={s: positions(self.view_covered(s), device) for s in peers})
+
+    def branch_indices(self, device) -> dict:
+        """The index tensors of `comms.asg_channel.BranchChannel` for this rank."""
+        owned = [(self.view[self.view_owned(r)].to(device), positions(self.view_owned(r), device))
+                 for r in range(self.tile_ranks)]
+        return dict(branch=self.tile_ranks, view_size=self.view.numel(), owned=owned, mine=owned[self.index][0])
 
     def owned(self, rank: int) -> torch.Tensor:
         """(H, W): positions whose final value tile rank `rank` contributes (lowest rank covering)."""

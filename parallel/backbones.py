@@ -16,7 +16,6 @@ TRANSFORMERS = ("PixArtTransformer2DModel", "SD3Transformer2DModel", "FluxTransf
 class Backbone:
     """How a pipeline's denoiser is made patch-parallel."""
 
-    kind: str  # "unet" or "transformer"
     align: int  # latent rows per smallest band (UNet downsampling factor; DiT rows per token row)
     install: Callable[[object, PatchContext], None]
 
@@ -28,14 +27,12 @@ def backbone_of(pipe) -> Backbone:
     if isinstance(unet, UNet2DConditionModel):
         from parallel.unet import downsampling_factor, parallelize_unet
 
-        return Backbone("unet", downsampling_factor(unet), lambda p, ctx: parallelize_unet(p.unet, ctx))
+        return Backbone(downsampling_factor(unet), lambda p, ctx: parallelize_unet(p.unet, ctx))
     transformer = getattr(pipe, "transformer", None)
     if type(transformer).__name__ in TRANSFORMERS:
         from parallel.dit import parallelize_transformer, token_scale
 
-        return Backbone(
-            "transformer", token_scale(transformer), lambda p, ctx: parallelize_transformer(p.transformer, ctx)
-        )
+        return Backbone(token_scale(transformer), lambda p, ctx: parallelize_transformer(p.transformer, ctx))
     raise ConfigError(
         f"{type(pipe).__name__}: patch parallelism supports UNet2DConditionModel pipelines (SD 1.x/2.x, SDXL) "
         f"and the transformers {', '.join(TRANSFORMERS)}"

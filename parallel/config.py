@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 
 
 def is_int(value) -> bool:
@@ -10,15 +10,14 @@ def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+from parallel.errors import ConfigError
+from parallel.registry import PATCH_STRATEGIES, STRATEGIES, names, strategy_of
+
+__all__ = ["ParallelConfig", "ConfigError", "STRATEGIES", "PATCH_STRATEGIES", "GN_MODES", "is_int"]
+
 # Beyond 1 the guidance extrapolates past the branch on its grid; far beyond it overshoots.
 MAX_ASG_STRENGTH = 4.0
-STRATEGIES = ("none", "patch", "patch-sync", "pcpp", "asg", "tpp")
-PATCH_STRATEGIES = ("patch", "patch-sync", "pcpp")  # those that split the latent into row bands
 GN_MODES = ("corrected", "extrapolated", "sync")
-
-
-class ConfigError(ValueError):
-    """A request or configuration that cannot run; raised before any rank does work."""
 
 
 @dataclass(frozen=True)
@@ -81,14 +80,13 @@ class ParallelConfig:
     threads_per_rank: int | None = None
 
     def validate(self) -> "ParallelConfig":
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        strategy = strategy_of(self.strategy)
         if self.world_size is not None and (not isinstance(self.world_size, int) or self.world_size < 1):
             raise ConfigError(f"world_size must be a positive integer, got {self.world_size!r}")
-        if self.strategy == "none" and (self.world_size or 1) > 1:
+        if not strategy.multi_rank and (self.world_size or 1) > 1:
             raise ConfigError(
-                f"strategy 'none' runs on one rank, but world_size is {self.world_size}; "
-                "use 'patch', 'patch-sync' or 'pcpp' for several ranks"
+                f"strategy {self.strategy!r} runs on one rank, but world_size is {self.world_size}; "
+                f"use {', '.join(repr(n) for n in PATCH_STRATEGIES)} for several ranks"
             )
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps must be a non-negative integer, got {self.warmup_steps!r}")
@@ -115,17 +113,11 @@ class ParallelConfig:
             raise ConfigError(f"bucket_mb must be None, 0 or a positive number of MB, got {mb!r}")
         if not isinstance(self.compile, bool):
             raise ConfigError(f"compile must be True or False, got {self.compile!r}")
-        if self.compile and self.strategy not in ("none",) + PATCH_STRATEGIES:
-            raise ConfigError(f"compile supports the strategies none, {', '.join(PATCH_STRATEGIES)}; "
+        if self.compile and not strategy.compiles:
+            raise ConfigError(f"compile supports the strategies {', '.join(names(lambda s: s.compiles))}; "
                               f"not {self.strategy!r}")
         if self.comm_timeout_s <= 0:
             raise ConfigError("comm_timeout_s must be positive")
         if self.threads_per_rank is not None and self.threads_per_rank < 1:
             raise ConfigError("threads_per_rank must be at least 1")
         return self
-
-    def with_world_size(self, world_size: int) -> "ParallelConfig":
-        return replace(self, world_size=world_size)
-
-    def as_dict(self) -> dict:
-        return asdict(self)

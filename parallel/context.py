@@ -15,6 +15,7 @@ from comms import CommStats, StaleExchange, Topology
 from comms.isolated import exchange_factory
 from parallel.bands import BandPlan
 from parallel.config import ParallelConfig
+from parallel.registry import Strategy, strategy_of
 
 
 @dataclass
@@ -22,6 +23,7 @@ class RequestLayout:
     """How one request is laid out over the world."""
 
     config: ParallelConfig
+    strategy: Strategy
     plan: BandPlan  # bands inside this rank's patch group
     cfg_split: bool
     group_index: int  # which CFG half this rank serves (0 when not split)
@@ -42,11 +44,11 @@ class PatchContext:
         self.layout: RequestLayout | None = None
         self.step = -1
         self._exchanges: dict = {}
-        self.full_shape = None  # the UNet input's full (batch, channels, rows, cols) this step
         self.text_tokens = 0  # text tokens in front of the image tokens (Flux single-stream blocks)
         self._whole: tuple[torch.Tensor, torch.Tensor] | None = None  # (band, full) of the denoiser input
         self._weights: dict = {}
         self.step_cache: dict = {}
+        self.hooks: list = []  # handles of the split/gather hooks installed for this context
         # Per-step constants: layers read these, never `step` (under torch.compile a value
         # read is guarded on, and a guard on the step number would recompile every step).
         self._sync = True
@@ -81,10 +83,18 @@ class PatchContext:
             exchange.reset()
             exchange.configure(config.bucket_mb)
         group_index = self.topo.rank // len(ranks) if cfg_split else 0
-        self.layout = RequestLayout(config, plan, cfg_split, group_index, ranks.index(self.topo.rank), exchange)
+        self.layout = RequestLayout(config, strategy_of(config), plan, cfg_split, group_index, ranks.index(self.topo.rank), exchange)
         self._weights = {}
         self.step = -1
         self.enabled = True
+
+    def remove_hooks(self) -> None:
+        """Remove the split/gather hooks (the swapped layers then act as the originals for
+        good: without hooks no request ever enables them)."""
+        self.enabled = False
+        for handle in self.hooks:
+            handle.remove()
+        self.hooks = []
 
     def use_compile(self, on: bool) -> None:
         """Run the compiled denoiser (parallel.compiled) in this request's repeating steps;
@@ -104,14 +114,13 @@ class PatchContext:
         self.step += 1
         self.stats.step = self.step
         self.step_cache = {}  # what layers derive once per step and share (GroupNorm blocks)
-        cfg = self.layout.config
-        self._sync = cfg.strategy == "patch-sync" or self.step < cfg.warmup_steps
-        self.seeding_pcpp = cfg.strategy == "pcpp" and self.step == cfg.warmup_steps - 1
-        # Warm-up steps, the first stale step (it records the buckets) and the first bucketed
-        # one (it still reads the first stale step's posts) run eagerly: each runs once per
-        # request, and compiling its variant would cost more than it saves.
-        self.compile_step = self.compile_requested and (
-            cfg.strategy == "patch-sync" or self.step > cfg.warmup_steps + 1)
+        cfg, strategy = self.layout.config, self.layout.strategy
+        self._sync = strategy.sync_at(self.step, cfg.warmup_steps)
+        self.seeding_pcpp = strategy.adjacent_kv and self.step == cfg.warmup_steps - 1
+        # Steps before the steady state (warm-up, the first stale step that records the
+        # buckets, the first bucketed one that still reads its posts) run eagerly: each runs
+        # once per request, and compiling its variant would cost more than it saves.
+        self.compile_step = self.compile_requested and self.step >= strategy.steady_from(cfg.warmup_steps, compiled=True)
 
     def end_step(self) -> None:
         self._whole = None
@@ -131,7 +140,7 @@ class PatchContext:
     @property
     def pcpp(self) -> bool:
         """Partially conditioned attention (after warm-up: own band + adjacent boundary rows)."""
-        return self.layout.config.strategy == "pcpp"
+        return self.layout.strategy.adjacent_kv
 
     @property
     def gn_sync(self) -> bool:

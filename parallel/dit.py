@@ -46,11 +46,11 @@ def parallelize_transformer(model: nn.Module, ctx: PatchContext) -> None:
     packed = type(model).__name__ == "FluxTransformer2DModel"  # input is already tokens
     _install_processors(model, ctx)
     signature = inspect.signature(model.forward)
-    model.register_forward_pre_hook(_make_pre_hook(ctx, signature, packed), with_kwargs=True)
+    ctx.hooks.append(model.register_forward_pre_hook(_make_pre_hook(ctx, signature, packed), with_kwargs=True))
     if not packed:
-        model.pos_embed.register_forward_hook(_make_band_tokens_hook(ctx))
-    model.proj_out.register_forward_hook(_make_gather_hook(ctx, token_scale(model)))
-    model.register_forward_hook(lambda module, args, output: ctx.end_step() if ctx.enabled else None)
+        ctx.hooks.append(model.pos_embed.register_forward_hook(_make_band_tokens_hook(ctx)))
+    ctx.hooks.append(model.proj_out.register_forward_hook(_make_gather_hook(ctx, token_scale(model))))
+    ctx.hooks.append(model.register_forward_hook(lambda module, args, output: ctx.end_step() if ctx.enabled else None))
 
 
 def _install_processors(model: nn.Module, ctx: PatchContext) -> None:

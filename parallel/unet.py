@@ -62,8 +62,8 @@ def parallelize_unet(unet: nn.Module, ctx: PatchContext) -> None:
     unet.set_attn_processor(processors)
 
     signature = inspect.signature(unet.forward)
-    unet.register_forward_pre_hook(_make_pre_hook(ctx, signature), with_kwargs=True)
-    unet.register_forward_hook(_make_post_hook(ctx), with_kwargs=True)
+    ctx.hooks.append(unet.register_forward_pre_hook(_make_pre_hook(ctx, signature), with_kwargs=True))
+    ctx.hooks.append(unet.register_forward_hook(_make_post_hook(ctx), with_kwargs=True))
 
 
 def _make_pre_hook(ctx: PatchContext, signature):
@@ -73,7 +73,6 @@ def _make_pre_hook(ctx: PatchContext, signature):
         ctx.begin_step()
         arguments = dict(signature.bind(*args, **kwargs).arguments)
         sample = arguments["sample"]
-        ctx.full_shape = tuple(sample.shape)
         take_cfg_half(arguments, ctx.layout, sample.shape[0], _BATCHED + ("timestep",), nested=("added_cond_kwargs",))
         if ctx.splits_rows:
             plan = ctx.plan

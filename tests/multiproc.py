@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import datetime
-import socket
 import traceback
 
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from comms.groups import free_port
 
 
 def _entry(rank, world, port, fn, args, results):
@@ -32,7 +27,7 @@ def _entry(rank, world, port, fn, args, results):
 def run_ranks(fn, world: int, *args, timeout: float = 120.0) -> list:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, results)) for r in range(world)]
     for p in procs:
         p.start()

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -11,15 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from comms.groups import free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 GEN = ["generate", "--model", "tiny-sd", "--height", "128", "--width", "128", "--steps", "6", "--seed", "5", "--no-progress"]
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tessera(args, **kw):
@@ -28,7 +23,7 @@ def _tessera(args, **kw):
 
 def _torchrun(nproc, args, env=None, **kw):
     cmd = [os.path.join(BIN, "torchrun"), f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", "-m", "launch.cli", *args]
+           f"--master_port={free_port()}", "-m", "launch.cli", *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, **kw)
 
 
