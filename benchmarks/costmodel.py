@@ -10,9 +10,9 @@ Inputs, all from real architectures and the engine's own plan:
 - FLOPs: the published configs (benchmarks/model_configs/*.json, no weights) instantiated on
   the `meta` device and run once under PyTorch's FlopCounterMode; forward hooks record every
   self-attention (tokens, K/V width), 3x3 convolution (input shape) and GroupNorm.
-- Bytes per step per rank: the engine's exchange plan: `parallel.bands.BandPlan` splits the
+- Bytes per step per rank: the engine's exchange plan: `parallel.patch.bands.BandPlan` splits the
   latent rows exactly as the engine does; `patch` all-gathers every self-attention layer's
-  K/V bands (stale), `pcpp` receives `parallel.kv.pcpp_rows` boundary rows of each adjacent
+  K/V bands (stale), `pcpp` receives `parallel.patch.kv.pcpp_rows` boundary rows of each adjacent
   band, convolutions swap `kernel // 2` halo rows with each neighbour, GroupNorms gather
   statistics; `patch-sync` sends the same as `patch`, synchronously; exact sequence
   parallelism (Ulysses, DiTs) all-to-alls Q, K, V and the output of every attention layer.
@@ -53,8 +53,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from parallel.bands import BandPlan
-from parallel.kv import pcpp_rows
+from parallel.patch.bands import BandPlan
+from parallel.patch.kv import pcpp_rows
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "model_configs")
 DTYPE_BYTES = 2  # bf16 / fp16 activations

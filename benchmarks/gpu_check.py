@@ -422,7 +422,7 @@ def single_rank(section: Section, plan: Plan) -> None:
                         section.check(f"{label} {strategy} world_size=1 equals serial", err <= tol, rel_l2=err, tol=tol)
                     info = describe_model(model)
                     try:
-                        from engine.asg import asg_plan
+                        from parallel.asg import asg_plan
 
                         asg_plan(info, ParallelConfig(strategy="asg", world_size=1), info.native_size,
                                  info.native_size, steps)
@@ -474,7 +474,7 @@ def sdxl_pipeline_dir(path: str, unet_config: str, device: str, dtype: torch.dty
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from engine.presets import PRESET_SEED, PRESETS, _clip_config
+    from engine.models.presets import PRESET_SEED, PRESETS, _clip_config
 
     base = PRESETS["tiny-sdxl"]()  # tokenizers, VAE, scheduler
     if unet_config == "published":
@@ -659,7 +659,7 @@ def _iso_ranks(subject, align: int, world: int) -> list[int]:
     """The ranks to measure: a middle band (two neighbours: the most halo rows and, for pcpp,
     the most boundary K/V), and the first band too where the split is uneven (the first
     bands get the extra rows). With even bands every other rank does at most that work."""
-    from parallel.bands import BandPlan
+    from parallel.patch.bands import BandPlan
 
     plan = BandPlan.split(*subject.latent, world, align)
     middle = world // 2

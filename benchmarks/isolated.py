@@ -62,7 +62,7 @@ class Subject:
     """A denoiser ready to measure: its call arguments at one size and its band geometry."""
 
     name: str
-    holder: object  # has .unet or .transformer: what parallel.backbones.backbone_of takes
+    holder: object  # has .unet or .transformer: what parallel.patch.backbones.backbone_of takes
     denoiser: torch.nn.Module
     call: tuple  # (args, kwargs) of one denoiser call
     latent: tuple  # (rows, cols) of the latent
@@ -241,9 +241,9 @@ class IsolatedRanks:
     def __init__(self, subject: Subject, replay_dir: str | None = None):
         from comms import CommStats, Topology
         from comms.isolated import exchange_factory
-        from parallel.compiled import install_compiled
-        from parallel.context import PatchContext
-        from parallel.backbones import backbone_of
+        from parallel.patch.compiled import install_compiled
+        from parallel.patch.context import PatchContext
+        from parallel.patch.backbones import backbone_of
 
         self.subject = subject
         self.stats = CommStats()
@@ -296,7 +296,7 @@ class IsolatedRanks:
 
         self.place(world, rank)
         # the first stale step runs slot by slot and records the buckets (comms.buckets);
-        # compiled, the first bucketed step runs eagerly too (parallel.compiled)
+        # compiled, the first bucketed step runs eagerly too (parallel.patch.compiled)
         steady_from = strategy_of(config).steady_from(config.warmup_steps, compiled=config.compile)
         if steady_from >= steps:
             raise ValueError(f"{steps} steps leave no steady step after {steady_from}")

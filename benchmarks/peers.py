@@ -47,7 +47,7 @@ def _ulysses_rank(rank: int, world: int, port: int, threads: int, job: dict, res
     try:
         from diffusers import ContextParallelConfig
 
-        from engine.decode import decode_latents
+        from engine.runtime.decode import decode_latents
         from engine.latents import spatial_latents
         from engine.models import load_pipeline, pipeline_call_kwargs
 

@@ -3,7 +3,7 @@ branch's guidance back, and the final latent.
 
 Everything here works on flat index tensors over the last two dimensions (which positions
 to swap with whom, which to send): the geometry that decides them is the caller's
-(`parallel.asg_tiles.TilePlan.strip_indices` / `branch_indices`).
+(`parallel.asg.tiles.TilePlan.strip_indices` / `branch_indices`).
 
 - `StripExchange` (tile ranks only): each tile rank has summed the predictions of its own
   tiles; it swaps the partial sums on the positions it shares with another tile rank (the

@@ -21,7 +21,7 @@ static buffers and launches a few bucketed operations. Synchronous steps always 
 by slot: their results are needed at once. A stale view returned by a call is valid until
 the exchange's next call (buffers are reused).
 
-Under torch.compile (`parallel.compiled`) the bucketed path is traced: writing into the
+Under torch.compile (`parallel.patch.compiled`) the bucketed path is traced: writing into the
 send views and reading the receive views become part of the graph, and only a bucket's
 launch and its wait are opaque calls (graph breaks). The slot-by-slot path (`_run`) is
 opaque as a whole.

@@ -1,6 +1,7 @@
 """What a user calls: Engine, ParallelConfig, results; model loading and presets."""
 
-from engine.engine import Engine, GenerateResult
+from engine.api import Engine
+from engine.results import GenerateResult, VideoStream
 from parallel.config import ConfigError, ParallelConfig
 
-__all__ = ["Engine", "GenerateResult", "ParallelConfig", "ConfigError"]
+__all__ = ["Engine", "GenerateResult", "VideoStream", "ParallelConfig", "ConfigError"]

@@ -15,7 +15,7 @@ import argparse
 import os
 import sys
 
-DEFAULT_MODEL = "shapes-sd"  # the trained preset shipped in engine/weights/
+DEFAULT_MODEL = "shapes-sd"  # the trained preset shipped in engine/models/weights/
 
 
 def add_launcher_arguments(parser) -> None:
@@ -113,7 +113,7 @@ def generate(args) -> int:
 
     from engine import Engine, ParallelConfig
     from engine.models import describe_model
-    from engine.request import build_request
+    from engine.requests import build_request
     from parallel.config import ConfigError
     from parallel.registry import default_strategy
 

@@ -45,6 +45,7 @@ class LocalLauncher:
         for p in self._procs:
             p.start()
         self.closed = False
+        self.last_reports: list = []  # every rank's report of the last stream
         ready = self._collect("ready", START_TIMEOUT_S)
         self.info = ready[0]
 

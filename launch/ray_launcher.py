@@ -63,7 +63,7 @@ class RankActor:
         )
         configure_threads(parallel.threads_per_rank, local_world)
         from comms.groups import init_distributed
-        from engine.runtime import make_runtime
+        from engine.runtime.image import make_runtime
 
         self.rank = rank
         from comms.groups import ray_local_gpu
@@ -137,6 +137,7 @@ class RayLauncher:
         started = time.perf_counter()
         self.world_size = world_size
         self.closed = False
+        self.last_reports: list = []  # every rank's report of the last stream
         self._owns_ray = False
         self._actors: list = []
         self._pg = None

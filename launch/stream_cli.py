@@ -97,7 +97,7 @@ def stream_command(args) -> int:
     from dataclasses import replace
 
     from engine import Engine, ParallelConfig
-    from engine.engine import _json_safe
+    from engine.results import json_safe
     from parallel.config import ConfigError
     from parallel.registry import default_strategy
 
@@ -113,8 +113,8 @@ def stream_command(args) -> int:
     request = dict(num_chunks=chunks, steps=args.steps, seed=args.seed, height=args.height, width=args.width,
                    kv_window=args.kv_window)
     from engine.models import check_model_spec
-    from engine.stream import build_stream_request, describe_video
-    from engine.video import is_video_model
+    from engine.runtime.video import build_stream_request, describe_video
+    from engine.models.video import is_video_model
 
     check_model_spec(args.model)
     if not is_video_model(args.model):
@@ -162,7 +162,7 @@ def stream_command(args) -> int:
     if args.report:
         os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)
         with open(args.report, "w") as f:
-            json.dump(_json_safe(report), f, indent=2)
+            json.dump(json_safe(report), f, indent=2)
         print(f"report: {os.path.abspath(args.report)}")
     print_stream_summary(report)
     return 0

@@ -64,8 +64,8 @@ def worker_main(rank, world_size, store_port, model, parallel, device, dtype, re
 
         from comms.failure import FailureWatch
         from comms.groups import init_distributed
-        from engine.runtime import make_runtime
-        from engine.stream import StreamRequest
+        from engine.runtime.image import make_runtime
+        from engine.runtime.video import StreamRequest
 
         watch = FailureWatch(rank, "127.0.0.1", store_port, exit_on_store_loss=True)
         import datetime

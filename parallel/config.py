@@ -35,15 +35,15 @@ class ParallelConfig:
                    last rows of the band above and the first rows of the band below.
     asg_tile_overlap, asg_strength, asg_mask_floor, asg_detail_steps, asg_staleness:
                    strategy "asg" (high resolution with structure guidance, see
-                   engine/asg.py): the overlap of native-size tiles in latent rows (None: a
+                   parallel/asg/): the overlap of native-size tiles in latent rows (None: a
                    quarter of a tile), the guidance weight at the noisiest step (0 to 4;
                    above 1 it extrapolates past the branch on its grid), the structure
                    mask's floor (0: the normalised attention map as is, 1: no mask), the
                    last steps run without guidance (None: a quarter of the steps), and
                    how many steps old the guidance a tile uses may be in a parallel run
                    (0 or 1). Defaults measured on shapes-sd at 2x (README).
-                   "tpp" streams video from a causal video model (engine.stream): rank r
-                   owns a run of the denoising steps of every chunk (engine/stream.py).
+                   "tpp" streams video from a causal video model (engine.runtime.video): rank r
+                   owns a run of the denoising steps of every chunk (engine/runtime/video.py).
     gn_mode:       "corrected" (DistriFusion: stale global GroupNorm statistics plus this
                    band's own change), "extrapolated" (the same on statistics predicted
                    from the last two steps; same bytes, closer to serial on trained
@@ -56,7 +56,7 @@ class ParallelConfig:
                    layer's post as its own operation (slower; for comparison).
     compile:       torch.compile the denoiser with the parallel layers (inductor): the
                    repeating steps run compiled, the warm-up and the first stale step
-                   eagerly (parallel/compiled.py). Strategies none, patch, patch-sync, pcpp.
+                   eagerly (parallel/patch/compiled.py). Strategies none, patch, patch-sync, pcpp.
     comm_timeout_s: bound on any collective; a vanished peer becomes an error, not a hang.
     trace_comms:   record every post and wait of stale exchanges in the report.
     threads_per_rank: CPU threads per spawned rank (None: cores / local ranks).

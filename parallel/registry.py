@@ -89,6 +89,13 @@ def default_strategy(world_size: int, video: bool) -> str:
     return "tpp" if video else "patch"
 
 
+def video_strategies(several_ranks_only: bool = False) -> str:
+    """For messages: "'tpp' (or 'none' on one rank)"."""
+    several = " or ".join(repr(s.name) for s in _ALL if s.streams_video and s.multi_rank)
+    one = " or ".join(repr(s.name) for s in _ALL if s.streams_video and not s.multi_rank)
+    return several if several_ranks_only else f"{several} (or {one} on one rank)"
+
+
 def names(predicate) -> list[str]:
     """Names of the strategies for which `predicate(strategy)` holds (for messages, choices)."""
     return [s.name for s in _ALL if predicate(s)]

@@ -7,8 +7,8 @@ import math
 import torch
 
 from engine.models import pipeline_call_kwargs
-from parallel.attention import _PatchProcessor
-from parallel.kv import pcpp_rows
+from parallel.patch.attention import _PatchProcessor
+from parallel.patch.kv import pcpp_rows
 
 
 def kv_layers(pipe, height: int, width: int, prompt: str = "x", guidance_scale: float = 5.0):
@@ -41,7 +41,7 @@ def kv_layers(pipe, height: int, width: int, prompt: str = "x", guidance_scale: 
 
 
 def _token_scale(model) -> int:
-    from parallel.dit import token_scale
+    from parallel.patch.dit import token_scale
 
     return token_scale(model)
 

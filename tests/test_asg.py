@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from engine import ParallelConfig
-from engine.asg import guidance_weight, structure_mask
+from parallel.asg import guidance_weight, structure_mask
 from engine.fidelity import rel_l2
-from parallel.asg_tiles import TileGrid
+from parallel.asg.tiles import TileGrid
 from parallel.config import ConfigError
 
 PROMPT = "a red circle"
@@ -98,7 +98,7 @@ def test_a_second_order_scheduler_is_guided_over_its_denoiser_calls(pool):
 def test_guidance_schedule_counts_denoiser_calls():
     from diffusers import EulerDiscreteScheduler, HeunDiscreteScheduler
 
-    from engine.asg import GuidanceSchedule
+    from parallel.asg import GuidanceSchedule
 
     euler = GuidanceSchedule.for_request(EulerDiscreteScheduler(), 20, 1.5, 5, 0.5)
     assert (euler.calls, euler.detail_calls) == (20, 5)
@@ -108,7 +108,7 @@ def test_guidance_schedule_counts_denoiser_calls():
 
 
 def _multidiffusion(model: str, grid: TileGrid, **request) -> np.ndarray:
-    """Plain tiled generation written out here, independently of engine.asg: the model's
+    """Plain tiled generation written out here, independently of parallel.asg: the model's
     prediction is every tile's prediction averaged where tiles overlap."""
     from engine.models import load_pipeline
 
@@ -155,7 +155,7 @@ def test_asg_bad_input_fails_before_work(pool):
         ParallelConfig(strategy="asg", asg_mask_floor=1.5).validate()
     # too few tiles for the tile ranks (N - 1 of them; the last rank runs the branch)
     from engine.models import describe_model
-    from engine.request import build_request
+    from engine.requests import build_request
 
     with pytest.raises(ConfigError, match="only 1 tiles"):
         build_request(describe_model("tiny-sd"), ParallelConfig(strategy="asg", world_size=3), PROMPT,
@@ -233,7 +233,7 @@ def test_joint_attention_mass_is_the_text_share_of_the_softmax():
     query's softmax over [image; text] keys, written out here."""
     from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
 
-    from engine.asg import AttentionMassRecorder, RecordingOrOriginal
+    from parallel.asg import AttentionMassRecorder, RecordingOrOriginal
 
     torch.manual_seed(0)
     attn = Attention(query_dim=32, added_kv_proj_dim=32, heads=2, dim_head=16, qk_norm="rms_norm",

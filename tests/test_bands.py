@@ -1,6 +1,6 @@
 import pytest
 
-from parallel.bands import BandPlan
+from parallel.patch.bands import BandPlan
 from parallel.config import ConfigError
 
 

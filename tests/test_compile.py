@@ -1,4 +1,4 @@
-"""torch.compile of the parallel denoiser (ParallelConfig.compile, parallel/compiled.py).
+"""torch.compile of the parallel denoiser (ParallelConfig.compile, parallel/patch/compiled.py).
 
 Compiled, `patch-sync` still equals serial and `patch` equals eager `patch`; dynamo breaks
 the graph only at the exchange's opaque calls (a bucket's launch, a wait, a blocking
@@ -17,7 +17,7 @@ import torch
 from benchmarks.isolated import IsolatedRanks, compile_breaks, load_subject
 from engine import ParallelConfig
 from engine.fidelity import rel_l2
-from parallel.compiled import BACKEND_ENV
+from parallel.patch.compiled import BACKEND_ENV
 from parallel.config import ConfigError
 
 MODEL, SIZE = "tiny-sd", 128

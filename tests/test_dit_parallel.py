@@ -7,7 +7,7 @@ import pytest
 
 from engine import ParallelConfig
 from engine.fidelity import compare, rel_l2
-from parallel.bands import BandPlan
+from parallel.patch.bands import BandPlan
 from tests.analytic import kv_bytes, kv_layers
 
 STEPS = 6  # pcpp: 2 warm-up + 4 stale steps

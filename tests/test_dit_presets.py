@@ -15,7 +15,7 @@ from engine.models import (
     pipeline_call_kwargs,
     save_preset,
 )
-from engine.presets import PRESET_INFO, PRESETS
+from engine.models.presets import PRESET_INFO, PRESETS
 
 DITS = ["tiny-pixart", "tiny-sd3", "tiny-flux"]
 SIZE = 64  # px: 8x8 latents, the smallest size every DiT preset takes (Flux packs 2x2)

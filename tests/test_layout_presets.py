@@ -13,8 +13,8 @@ import torch
 
 from benchmarks.costmodel import CONFIG_DIR, MODELS, _load_model, census, census_of
 from engine.models import denoiser_of, describe_model, info_from_pipeline
-from engine.presets import PRESET_INFO, PRESETS
-from engine.presets_layout import NARROWED, PUBLISHED
+from engine.models.presets import PRESET_INFO, PRESETS
+from engine.models.presets_layout import NARROWED, PUBLISHED
 
 # preset -> the cost model's key for the same published config
 KEYS = {"sdxl-layout": "sdxl", "pixart-layout": "pixart-sigma", "flux-layout": "flux1-dev"}

@@ -28,13 +28,13 @@ def _vae(model):
     import torch
 
     if model == "tiny-sd":
-        from engine.presets import PRESET_SEED, _tiny_vae
+        from engine.models.presets import PRESET_SEED, _tiny_vae
 
         torch.manual_seed(PRESET_SEED)  # the same random weights on every rank
         return _tiny_vae()
     from diffusers import AutoencoderKL
 
-    from engine.presets import TRAINED_PRESETS
+    from engine.models.presets import TRAINED_PRESETS
 
     return AutoencoderKL.from_pretrained(TRAINED_PRESETS[model], subfolder="vae")
 
@@ -46,10 +46,10 @@ def _decode_cases(rank, world, cases):
 
     from comms import CommStats
     from comms.groups import init_distributed
-    from engine.decode import decode_float, decode_float_parallel, decode_latents, decode_latents_parallel
+    from engine.runtime.decode import decode_float, decode_float_parallel, decode_latents, decode_latents_parallel
     from engine.fidelity import rel_l2
-    from parallel.context import PatchContext
-    from parallel.vae import parallelize_vae
+    from parallel.patch.context import PatchContext
+    from parallel.patch.vae import parallelize_vae
 
     torch.set_num_threads(1)
     topo = init_distributed(rank, world, rank, "cpu")
@@ -110,7 +110,7 @@ def test_parallel_decode_equals_serial(world):
 def test_band_scale_at_upsampled_levels():
     from fractions import Fraction
 
-    from parallel.bands import BandPlan
+    from parallel.patch.bands import BandPlan
 
     plan = BandPlan.split(16, 8, 3, 1)  # 6, 5, 5 latent rows
     assert plan.scale_for_rows(0, 6) == 1 and plan.scale_for_rows(1, 20) == Fraction(1, 4)

@@ -4,7 +4,7 @@ import pytest
 
 from engine import ParallelConfig
 from engine.fidelity import rel_l2
-from parallel.bands import BandPlan
+from parallel.patch.bands import BandPlan
 from tests.analytic import kv_bytes, kv_layers
 
 SIZE = 128

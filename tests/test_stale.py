@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from engine import ParallelConfig
-from parallel.attention import PatchSelfAttnProcessor
-from parallel.bands import BandPlan
-from parallel.conv import HaloConv2d
-from parallel.groupnorm import PatchGroupNorm, corrected, corrected_from_terms, pooled, stale_terms
+from parallel.patch.attention import PatchSelfAttnProcessor
+from parallel.patch.bands import BandPlan
+from parallel.patch.conv import HaloConv2d
+from parallel.patch.groupnorm import PatchGroupNorm, corrected, corrected_from_terms, pooled, stale_terms
 
 STEPS = 20
 SIZE = 128
@@ -108,7 +108,7 @@ def test_corrected_groupnorm_from_block_terms_equals_the_per_layer_rule():
 def test_extrapolated_groupnorm_predicts_stale_statistics_from_the_last_two_it_saw():
     from torch import nn
 
-    from parallel.groupnorm import GN_EXTRAPOLATION
+    from parallel.patch.groupnorm import GN_EXTRAPOLATION
 
     gn = nn.GroupNorm(2, 4)
     gn.__class__ = PatchGroupNorm

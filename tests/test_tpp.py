@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from engine import Engine, ParallelConfig
-from engine.causal_video import ChunkKVCache
+from engine.models.causal_video import ChunkKVCache
 from engine.fidelity import rel_l2
-from engine.stream import build_stream_request, describe_video
-from engine.video import flow_sigmas, load_video_model
+from engine.runtime.video import build_stream_request, describe_video
+from engine.models.video import flow_sigmas, load_video_model
 from launch.worker import RankFailedError
 from parallel.config import ConfigError
 from parallel.tpp import StagePlan

@@ -1,4 +1,4 @@
-"""benchmarks/train_shapes.py: deterministic data, one token per caption word, and a smoke
+"""engine/models/train_shapes.py: deterministic data, one token per caption word, and a smoke
 run that saves a pipeline which reloads offline and generates."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from benchmarks import train_shapes as ts
+from engine.models import train_shapes as ts
 
 
 def test_dataset_is_deterministic_per_seed():

@@ -9,7 +9,7 @@ import pytest
 
 from engine import ConfigError, Engine, ParallelConfig
 from engine.models import describe_model
-from engine.request import build_request
+from engine.requests import build_request
 from launch.cli import main
 from launch.worker import RankFailedError
 

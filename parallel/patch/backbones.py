@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 from parallel.config import ConfigError
-from parallel.context import PatchContext
+from parallel.patch.context import PatchContext
 
-# Transformer classes whose self-attention processors parallel.dit knows.
+# Transformer classes whose self-attention processors parallel.patch.dit knows.
 TRANSFORMERS = ("PixArtTransformer2DModel", "SD3Transformer2DModel", "FluxTransformer2DModel")
 
 
@@ -25,12 +25,12 @@ def backbone_of(pipe) -> Backbone:
 
     unet = getattr(pipe, "unet", None)
     if isinstance(unet, UNet2DConditionModel):
-        from parallel.unet import downsampling_factor, parallelize_unet
+        from parallel.patch.unet import downsampling_factor, parallelize_unet
 
         return Backbone(downsampling_factor(unet), lambda p, ctx: parallelize_unet(p.unet, ctx))
     transformer = getattr(pipe, "transformer", None)
     if type(transformer).__name__ in TRANSFORMERS:
-        from parallel.dit import parallelize_transformer, token_scale
+        from parallel.patch.dit import parallelize_transformer, token_scale
 
         return Backbone(token_scale(transformer), lambda p, ctx: parallelize_transformer(p.transformer, ctx))
     raise ConfigError(

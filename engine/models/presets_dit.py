@@ -1,10 +1,10 @@
 """Built-in random-weight DiT presets: `tiny-pixart`, `tiny-sd3`, `tiny-flux`.
 
-Same rules as the UNet presets in `engine.presets`: seeded, built in a fixed order, so every
+Same rules as the UNet presets in `engine.models.presets`: seeded, built in a fixed order, so every
 build is bit-identical; char-level tokenizers that need no files (the pipelines do not
 check tokenizer classes, and a T5 tokenizer would need sentencepiece or a tokenizer file).
 Every transformer has 32 hidden dims (2 heads x 16) so a 20-step generation takes seconds
-on a CPU. The shared helpers are imported lazily: `engine.presets` imports this module.
+on a CPU. The shared helpers are imported lazily: `engine.models.presets` imports this module.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def _eval(pipe):
 
 def _flow_vae(factors: dict):
     """The 16-channel VAE of SD3 and Flux: no quant convs, latents scaled and shifted."""
-    from engine.presets import _tiny_vae
+    from engine.models.presets import _tiny_vae
 
     return _tiny_vae(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, **factors)
 
@@ -75,7 +75,7 @@ def pixart_pipeline(make_transformer):
     and PixArt-Sigma's own scheduler config, built in a fixed order from PRESET_SEED."""
     from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline
 
-    from engine.presets import PRESET_SEED, _tiny_vae, tiny_tokenizer
+    from engine.models.presets import PRESET_SEED, _tiny_vae, tiny_tokenizer
 
     torch.manual_seed(PRESET_SEED)
     tokenizer = tiny_tokenizer()
@@ -102,7 +102,7 @@ def build_tiny_sd3():
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
 
-    from engine.presets import PRESET_SEED, _clip_config, tiny_tokenizer
+    from engine.models.presets import PRESET_SEED, _clip_config, tiny_tokenizer
 
     torch.manual_seed(PRESET_SEED)
     tokenizer = tiny_tokenizer()
@@ -126,17 +126,9 @@ def build_tiny_sd3():
     )
     vae = _flow_vae(SD3_VAE)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-    pipe = StableDiffusion3Pipeline(
-        transformer=transformer,
-        scheduler=scheduler,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=tokenizer_2,
-        text_encoder_3=text_encoder_3,
-        tokenizer_3=tokenizer_3,
-    )
+    texts = dict(text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae, **texts,
+                                    text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
     return _eval(pipe)
 
 
@@ -165,7 +157,7 @@ def flux_pipeline(make_transformer):
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
     from transformers import CLIPTextModel
 
-    from engine.presets import PRESET_SEED, _clip_config, tiny_tokenizer
+    from engine.models.presets import PRESET_SEED, _clip_config, tiny_tokenizer
 
     torch.manual_seed(PRESET_SEED)
     tokenizer = tiny_tokenizer()
@@ -183,13 +175,6 @@ def flux_pipeline(make_transformer):
         base_image_seq_len=256,
         max_image_seq_len=4096,
     )
-    pipe = FluxPipeline(
-        scheduler=scheduler,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=tokenizer_2,
-        transformer=transformer,
-    )
+    texts = dict(text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+    pipe = FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae, **texts)
     return _eval(pipe)

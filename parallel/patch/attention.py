@@ -2,7 +2,7 @@
 
 Each rank projects Q, K and V of its own tokens only (tokens are row-major, so a band is a
 contiguous slice of the sequence) and exchanges the projected K/V, never the hidden
-states, so no rank recomputes others' projections (`parallel.kv` decides which bands'
+states, so no rank recomputes others' projections (`parallel.patch.kv` decides which bands'
 K/V are seen, fresh or stale). Text tokens (joint attention) are always local and fresh.
 Cross-attention stays the original processor.
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from parallel.kv import band_kv
+from parallel.patch.kv import band_kv
 
 
 def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Train a small Stable Diffusion (1.x format) model from scratch, on CPU, on coloured shapes.
 
-    python -m benchmarks.train_shapes --out outputs/shapes-sd --minutes 60 --threads 2
+    python -m engine.models.train_shapes --out outputs/shapes-sd --minutes 60 --threads 2
 
 Everything is built offline: procedural images ("a red circle and a blue square on a dark
 background"), an in-memory CLIP tokenizer in which every caption word is one token, a frozen
@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from engine.presets import bytes_to_unicode
+from engine.models.presets import bytes_to_unicode
 
 # ---------------------------------------------------------------------------------------------
 # Data: procedural scenes of 1-2 shapes. A scene is described in unit coordinates, so the same

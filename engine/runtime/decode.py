@@ -2,7 +2,7 @@
 
 Both paths share the pipelines' own scaling (latents_mean/std or scaling_factor and
 shift_factor) and float16 `force_upcast` handling; the parallel one decodes this rank's
-band of latent rows with the band-aware decoder of `parallel/vae.py` and gathers the
+band of latent rows with the band-aware decoder of `parallel/patch/vae.py` and gathers the
 image bands, so it equals the serial decode up to float reassociation.
 """
 
@@ -71,7 +71,7 @@ def decode_float_parallel(pipe, latents: torch.Tensor, ctx) -> torch.Tensor:
     """The full decoder output on every rank, each rank decoding one row band.
 
     `latents` is the full (N, C, H, W) latent, the same on every rank; `ctx` is the decode
-    PatchContext that `parallel.vae.parallelize_vae` installed on `pipe.vae`. Collective:
+    PatchContext that `parallel.patch.vae.parallelize_vae` installed on `pipe.vae`. Collective:
     every rank of the world must call it with the same latent shape.
     """
     vae = pipe.vae

@@ -1,14 +1,14 @@
 """Built-in model presets.
 
 - Random presets (`tiny-sd`, `tiny-sdxl`; the DiTs `tiny-pixart`, `tiny-sd3`, `tiny-flux`
-  in `engine.presets_dit`) are built offline from configs with seeded random
+  in `engine.models.presets_dit`) are built offline from configs with seeded random
   weights: every rank that builds one gets bit-identical weights (same seed, same
   construction order). They exist for fast exactness tests; their images are noise-like.
-- Layout presets (`sdxl-layout`, `pixart-layout`, `flux-layout`, in `engine.presets_layout`)
+- Layout presets (`sdxl-layout`, `pixart-layout`, `flux-layout`, in `engine.models.presets_layout`)
   are random presets with a published denoiser's exact module graph at narrow widths: they
   make the same layers and calls per step as the real model (what host cost depends on).
-- Trained presets (`shapes-sd`) are diffusers directories shipped in `engine/weights/`,
-  trained by `benchmarks/train_shapes.py`. They are what fidelity is measured on.
+- Trained presets (`shapes-sd`) are diffusers directories shipped in `engine/models/weights/`,
+  trained by `engine/models/train_shapes.py`. They are what fidelity is measured on.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import Callable
 
 import torch
 
-from engine.info import ModelInfo
-from engine.presets_dit import build_tiny_flux, build_tiny_pixart, build_tiny_sd3
-from engine.presets_layout import build_flux_layout, build_pixart_layout, build_sdxl_layout
+from engine.models.info import ModelInfo
+from engine.models.presets_dit import build_tiny_flux, build_tiny_pixart, build_tiny_sd3
+from engine.models.presets_layout import build_flux_layout, build_pixart_layout, build_sdxl_layout
 
 PRESET_SEED = 1234
 

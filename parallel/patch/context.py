@@ -13,7 +13,7 @@ import torch
 
 from comms import CommStats, StaleExchange, Topology
 from comms.isolated import exchange_factory
-from parallel.bands import BandPlan
+from parallel.patch.bands import BandPlan
 from parallel.config import ParallelConfig
 from parallel.registry import Strategy, strategy_of
 
@@ -54,7 +54,7 @@ class PatchContext:
         self._sync = True
         self.seeding_pcpp = False  # the last warm-up step of pcpp primes its adjacent views
         self.compile_requested = False  # ParallelConfig.compile of the current request
-        self.compile_step = False  # this step runs the compiled denoiser (parallel.compiled)
+        self.compile_step = False  # this step runs the compiled denoiser (parallel.patch.compiled)
         self.rebind(topo)
 
     def rebind(self, topo: Topology) -> None:
@@ -97,7 +97,7 @@ class PatchContext:
         self.hooks = []
 
     def use_compile(self, on: bool) -> None:
-        """Run the compiled denoiser (parallel.compiled) in this request's repeating steps;
+        """Run the compiled denoiser (parallel.patch.compiled) in this request's repeating steps;
         without a row split, in every step."""
         self.compile_requested = self.compile_step = on
 

@@ -6,8 +6,8 @@ import os
 
 import torch
 
-from engine.info import ModelInfo
-from engine.presets import PRESET_INFO, PRESETS, TRAINED_PRESETS
+from engine.models.info import ModelInfo
+from engine.models.presets import PRESET_INFO, PRESETS, TRAINED_PRESETS
 from parallel.config import ConfigError
 
 
@@ -18,7 +18,7 @@ def preset_names() -> list[str]:
 def _trained_dir(name: str) -> str:
     path = TRAINED_PRESETS[name]
     if not os.path.isfile(os.path.join(path, "model_index.json")):
-        raise ConfigError(f"preset {name!r}: its weights are missing from {path} (train them with benchmarks/train_shapes.py)")
+        raise ConfigError(f"preset {name!r}: its weights are missing from {path} (train them with engine/models/train_shapes.py)")
     return path
 
 
@@ -28,7 +28,7 @@ def check_model_spec(model: str) -> None:
         raise ConfigError("model must be a preset name, a local diffusers directory or a hub id")
     if model in PRESETS:
         return
-    from engine.video import is_video_model
+    from engine.models.video import is_video_model
 
     if is_video_model(model):
         return
@@ -151,8 +151,8 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype | None = 
 
 def save_preset(name: str, path: str) -> str:
     """Write a preset as an ordinary diffusers directory (loadable with from_pretrained);
-    a video preset as the directory layout of engine.video."""
-    from engine.video import VIDEO_PRESETS, load_video_model, save_video_model
+    a video preset as the directory layout of engine.models.video."""
+    from engine.models.video import VIDEO_PRESETS, load_video_model, save_video_model
 
     if name in VIDEO_PRESETS:
         return save_video_model(load_video_model(name), path)

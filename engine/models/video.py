@@ -1,7 +1,7 @@
 """Causal video models for streaming: the bundle, the few-step schedule, the preset.
 
 A `VideoModel` holds what a stream needs: the chunk-causal transformer
-(`engine.causal_video.CausalWanTransformer`), a Wan video VAE, a text encoder with its
+(`engine.models.causal_video.CausalWanTransformer`), a Wan video VAE, a text encoder with its
 tokenizer, and the stream settings (`StreamSpec`: chunk length, frame size, steps, shift,
 KV window). It comes from the built-in preset `tiny-causal-video` (seeded random weights,
 bit-identical on every build) or from a local directory laid out like a diffusers pipeline:
@@ -112,9 +112,9 @@ def build_tiny_causal_video() -> VideoModel:
     from diffusers import AutoencoderKLWan
     from transformers import T5EncoderModel
 
-    from engine.causal_video import CausalWanTransformer
-    from engine.presets import tiny_tokenizer
-    from engine.presets_dit import _t5_encoder
+    from engine.models.causal_video import CausalWanTransformer
+    from engine.models.presets import tiny_tokenizer
+    from engine.models.presets_dit import _t5_encoder
 
     tokenizer = tiny_tokenizer(max_length=32)
     text_encoder: T5EncoderModel = _seeded(11, lambda: _t5_encoder(len(tokenizer)))
@@ -152,7 +152,7 @@ def _load_dir(path: str) -> VideoModel:
     from diffusers import AutoencoderKLWan
     from transformers import AutoConfig, AutoTokenizer
 
-    from engine.causal_video import CausalWanTransformer
+    from engine.models.causal_video import CausalWanTransformer
 
     with open(os.path.join(path, "stream_config.json")) as f:
         spec = StreamSpec(**json.load(f))

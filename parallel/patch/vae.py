@@ -1,7 +1,7 @@
 """Parallel VAE decode: every rank decodes a row band of the latent, exactly.
 
 The decoder of a diffusers `AutoencoderKL` (and its post_quant_conv) is made band-aware
-by composition, like the UNet in `parallel/unet.py`, with its own `PatchContext` (not the
+by composition, like the UNet in `parallel/patch/unet.py`, with its own `PatchContext` (not the
 denoiser's), always in the exact configuration (`patch-sync`, one group of all ranks):
 
 - 3x3 convs become `HaloConv2d`: one row from each neighbour at that level's resolution.
@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parallel.context import PatchContext
-from parallel.conv import HaloConv2d, can_halo
-from parallel.groupnorm import PatchGroupNorm
+from parallel.patch.context import PatchContext
+from parallel.patch.conv import HaloConv2d, can_halo
+from parallel.patch.groupnorm import PatchGroupNorm
 
 
 class DecodeSelfAttnProcessor:
@@ -111,7 +111,7 @@ def _is_attention(module: nn.Module) -> bool:
 def parallelize_vae(vae: nn.Module, ctx: PatchContext) -> None:
     """Swap the band-aware layers into `vae.decoder` and `vae.post_quant_conv` (the
     encoder is untouched). `ctx` must be a PatchContext of its own, used only by
-    `engine.decode.decode_float_parallel`. Raises NotImplementedError, before changing
+    `engine.runtime.decode.decode_float_parallel`. Raises NotImplementedError, before changing
     anything, on a decoder it cannot split (callers then decode serially)."""
     if getattr(vae, "_tessera_decode_ctx", None) is not None:
         raise RuntimeError("this VAE is already parallelized")

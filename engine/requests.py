@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, replace
 
 from engine.models import ModelInfo, resolve_scheduler
-from parallel.bands import BandPlan
+from parallel.patch.bands import BandPlan
 from parallel.config import ConfigError, ParallelConfig, is_int
 from parallel.registry import strategy_of
 
@@ -102,7 +102,7 @@ def build_request(
                 )
 
     if strategy.runner == "tiles":
-        from engine.asg import asg_plan
+        from parallel.asg import asg_plan
 
         asg_plan(info, parallel, height, width, steps)  # raises on bad geometry
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parallel.context import SwappedLayer
+from parallel.patch.context import SwappedLayer
 
 
 class HaloConv2d(SwappedLayer, nn.Conv2d):

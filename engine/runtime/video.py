@@ -27,12 +27,12 @@ from comms import CommStats, wire_check
 from comms.collectives import check_same_weights
 from comms.chunk_link import STOP, ChunkLink
 from comms.groups import store_barrier
-from engine.causal_video import ChunkKVCache
+from engine.models.causal_video import ChunkKVCache
 from engine import host_sync
 from engine.faults import FAULT_ENV, injected_delay, injected_fault_step
-from engine.video import VideoModel, flow_sigmas, load_video_model, wan_vae_factor
+from engine.models.video import VideoModel, flow_sigmas, load_video_model, wan_vae_factor
 from parallel.config import ConfigError, is_int
-from parallel.registry import names, strategy_of
+from parallel.registry import strategy_of, video_strategies
 from parallel.tpp import StagePlan
 
 
@@ -63,7 +63,7 @@ def describe_video(spec: str) -> VideoInfo:
     import json
     import os
 
-    from engine.video import VIDEO_PRESETS, StreamSpec
+    from engine.models.video import VIDEO_PRESETS, StreamSpec
 
     if spec in VIDEO_PRESETS:
         return video_info(load_video_model(spec))
@@ -91,10 +91,6 @@ class StreamRequest:
     world_size: int
 
 
-def _video_names(multi_rank: bool | None = None) -> list[str]:
-    return names(lambda s: s.streams_video and (multi_rank is None or s.multi_rank == multi_rank))
-
-
 def build_stream_request(info: VideoInfo, strategy: str, world_size: int, prompt: str, num_chunks=None,
                          steps: int | None = None, seed: int = 0, height: int | None = None,
                          width: int | None = None, kv_window: int | None = None) -> StreamRequest:
@@ -103,8 +99,7 @@ def build_stream_request(info: VideoInfo, strategy: str, world_size: int, prompt
         raise ConfigError("stream needs one non-empty prompt string")
     kind = strategy_of(strategy)
     if not kind.streams_video:
-        raise ConfigError(f"a video model streams with strategy {' or '.join(repr(n) for n in _video_names())} "
-                          f"(serial: one rank); got {strategy!r}")
+        raise ConfigError(f"a video model streams with strategy {video_strategies()}; got {strategy!r}")
     steps = info.steps if steps is None else steps
     if not is_int(steps) or not 1 <= steps <= info.max_steps:
         raise ConfigError(f"{info.name}: steps per chunk must be an integer in 1..{info.max_steps} "
@@ -123,7 +118,7 @@ def build_stream_request(info: VideoInfo, strategy: str, world_size: int, prompt
         StagePlan.build(steps, world_size)  # raises when there are more ranks than steps
     elif world_size != 1:
         raise ConfigError(f"strategy {strategy!r} streams on one rank; this engine has {world_size} "
-                          f"(use {' or '.join(repr(n) for n in _video_names(multi_rank=True))})")
+                          f"(use {video_strategies(several_ranks_only=True)})")
     return StreamRequest(prompt, num_chunks, steps, seed, height, width, kv_window, strategy, world_size)
 
 

@@ -5,7 +5,7 @@
 - Self-attention gets a patch-aware attention processor.
 - A forward pre-hook cuts the UNet input to this rank's CFG half (batch) and row band;
   a forward hook gathers every rank's output band back into the full prediction
-  (`parallel.split`), so the unmodified diffusers pipeline runs unchanged on every rank.
+  (`parallel.patch.split`), so the unmodified diffusers pipeline runs unchanged on every rank.
 
 Nothing here is specific to a diffusers version beyond the public module classes and
 `set_attn_processor`.
@@ -18,11 +18,11 @@ import inspect
 import torch
 from torch import nn
 
-from parallel.attention import PatchSelfAttnProcessor
-from parallel.context import PatchContext
-from parallel.conv import HaloConv2d, can_halo
-from parallel.groupnorm import PatchGroupNorm
-from parallel.split import gather_pieces, take_cfg_half
+from parallel.patch.attention import PatchSelfAttnProcessor
+from parallel.patch.context import PatchContext
+from parallel.patch.conv import HaloConv2d, can_halo
+from parallel.patch.groupnorm import PatchGroupNorm
+from parallel.patch.split import gather_pieces, take_cfg_half
 
 # UNet forward arguments whose first dimension is the batch.
 _BATCHED = ("sample", "encoder_hidden_states", "timestep_cond", "class_labels", "attention_mask", "encoder_attention_mask")

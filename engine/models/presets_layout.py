@@ -105,8 +105,8 @@ def build_sdxl_layout():
     70 cross-attention layers; channels 32 / 64 / 128 with 32 GroupNorm groups; two tiny CLIPs."""
     from diffusers import UNet2DConditionModel
 
-    from engine.presets import sdxl_pipeline
-    from engine.presets_dit import _eval
+    from engine.models.presets import sdxl_pipeline
+    from engine.models.presets_dit import _eval
 
     return _eval(sdxl_pipeline(lambda: UNet2DConditionModel(**SDXL_UNET, **_narrowed("sdxl-layout"))))
 
@@ -116,7 +116,7 @@ def build_pixart_layout():
     cross-attention to T5 tokens + MLP; width 32 (2 heads x 16); a tiny T5."""
     from diffusers import PixArtTransformer2DModel
 
-    from engine.presets_dit import pixart_pipeline
+    from engine.models.presets_dit import pixart_pipeline
 
     return pixart_pipeline(lambda: PixArtTransformer2DModel(**PIXART_SIGMA, **_narrowed("pixart-layout")))
 
@@ -126,6 +126,6 @@ def build_flux_layout():
     single-stream blocks, guidance embedding; width 32 (2 heads x 16); a tiny CLIP and T5."""
     from diffusers import FluxTransformer2DModel
 
-    from engine.presets_dit import flux_pipeline
+    from engine.models.presets_dit import flux_pipeline
 
     return flux_pipeline(lambda: FluxTransformer2DModel(**FLUX1_DEV, **_narrowed("flux-layout")))

@@ -20,9 +20,9 @@ import inspect
 import torch
 from torch import nn
 
-from parallel.attention import PatchFluxAttnProcessor, PatchJointAttnProcessor, PatchSelfAttnProcessor
-from parallel.context import PatchContext
-from parallel.split import gather_pieces, take_cfg_half
+from parallel.patch.attention import PatchFluxAttnProcessor, PatchJointAttnProcessor, PatchSelfAttnProcessor
+from parallel.patch.context import PatchContext
+from parallel.patch.split import gather_pieces, take_cfg_half
 
 # Transformer forward arguments whose first dimension is the batch (any of the three).
 _BATCHED = (

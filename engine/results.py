@@ -1,4 +1,7 @@
-"""VideoStream: the iterator `Engine.stream` returns, and its report.
+"""What a request gives back: GenerateResult (images, latents, report) and VideoStream
+(frames as they arrive, the stream's report at the end).
+
+VideoStream: the iterator `Engine.stream` returns, and its report.
 
 Frames come out one at a time, (H, W, 3) uint8 (or float32 in [0, 1] with
 `float_frames=True`), as the decoding rank produces them. While a stream is open the engine
@@ -16,13 +19,46 @@ After the end, `report` has:
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import sys
 import time
 from collections import deque
+from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
-from engine.decode import unit_to_uint8
+from engine.runtime.decode import unit_to_uint8
+
+
+@dataclass
+class GenerateResult:
+    images: list = field(default_factory=list)  # PIL images (rank 0 / the caller)
+    latents: torch.Tensor | None = None  # final latents before decoding
+    report: dict = field(default_factory=dict)
+
+    @property
+    def image(self):
+        return self.images[0] if self.images else None
+
+    def save_report(self, path: str) -> str:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(json_safe(self.report), f, indent=2)
+        return path
+
+
+def json_safe(value):
+    """JSON has no infinity: an identical-to-serial PSNR is written as the string "inf"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 class VideoStream:
@@ -54,11 +90,8 @@ class VideoStream:
         if self._done:
             raise StopIteration
         if self._chunks is None:
-            with self.engine._lock:
-                self.engine._check_no_open_stream()
-                self.engine._open_stream = self
+            self._chunks = self.engine.open_stream(self)
             self._start = time.perf_counter()
-            self._chunks = self.engine._backend.stream(self.request)
         try:
             chunk, frames, _ = next(self._chunks)
         except StopIteration:
@@ -108,9 +141,9 @@ class VideoStream:
         try:
             if self.progress:
                 sys.stderr.write("\n")
+            per_rank = self.engine.close_stream(self)
             if failed:
                 return
-            per_rank = list(getattr(self.engine._backend, "last_reports", []) or [])
             per_chunk = self._frames / len(self._arrivals) if self._arrivals else 0
             rates = [per_chunk * p["chunks"] / p["busy_s"] for p in per_rank if p and p["busy_s"] > 0]
             r = self.request
@@ -127,4 +160,4 @@ class VideoStream:
                 "launch": self.engine.launch,
             }
         finally:
-            self.engine._open_stream = None
+            self.engine.close_stream(self)  # idempotent: whatever failed above, the engine is free again

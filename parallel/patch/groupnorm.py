@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from parallel.context import SwappedLayer
+from parallel.patch.context import SwappedLayer
 
 GN_EXTRAPOLATION = 0.25
 

@@ -17,19 +17,19 @@ from comms import CommStats, Topology
 from comms.groups import store_barrier
 from comms import wire_check
 from comms.collectives import all_gather_object, check_same_weights
-from engine.asg import GuidanceSchedule, asg_plan, structure_guided
-from engine.decode import decode_latents, decode_latents_parallel
+from parallel.asg import GuidanceSchedule, asg_plan, structure_guided
+from engine.runtime.decode import decode_latents, decode_latents_parallel
 from engine import host_sync
 from engine.faults import FAULT_ENV, injected_delay, injected_fault_step
 from engine.fidelity import compare
 from engine.latents import spatial_latents
 from engine.models import denoiser_of, info_from_pipeline, load_pipeline, pipeline_call_kwargs, resolve_scheduler
-from engine.request import GenerateRequest
-from parallel.compiled import install_compiled
-from parallel.context import PatchContext
+from engine.requests import GenerateRequest
+from parallel.patch.compiled import install_compiled
+from parallel.patch.context import PatchContext
 from parallel.registry import strategy_of
-from parallel.vae import parallelize_vae
-from parallel.backbones import backbone_of
+from parallel.patch.vae import parallelize_vae
+from parallel.patch.backbones import backbone_of
 
 
 @dataclass
@@ -101,10 +101,10 @@ def _injected_fault(rank: int):
 
 def make_runtime(model: str, topo: Topology, dtype: torch.dtype | None = None):
     """The runtime for `model`: a streaming video runtime or the image runtime."""
-    from engine.video import is_video_model
+    from engine.models.video import is_video_model
 
     if is_video_model(model):
-        from engine.stream import VideoRuntime
+        from engine.runtime.video import VideoRuntime
 
         return VideoRuntime(model, topo, dtype)
     return RankRuntime(model, topo, dtype)

@@ -16,48 +16,21 @@ from several threads are served one at a time, in arrival order, on any launcher
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
 
 from comms import groups
 from engine.models import check_model_spec
-from engine.request import build_request
+from engine.requests import build_request
+from engine.results import GenerateResult, VideoStream
+from launch.backend import Backend
+from launch.inprocess import InProcess
 from parallel.config import ConfigError, ParallelConfig
-from parallel.registry import default_strategy, names, strategy_of
-
-
-@dataclass
-class GenerateResult:
-    images: list = field(default_factory=list)  # PIL images (rank 0 / the caller)
-    latents: torch.Tensor | None = None  # final latents before decoding
-    report: dict = field(default_factory=dict)
-
-    @property
-    def image(self):
-        return self.images[0] if self.images else None
-
-    def save_report(self, path: str) -> str:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(_json_safe(self.report), f, indent=2)
-        return path
-
-
-def _json_safe(value):
-    """JSON has no infinity: an identical-to-serial PSNR is written as the string "inf"."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
+from parallel.registry import default_strategy, strategy_of, video_strategies
 
 
 def _check_device(device, world: int, local_ranks: int | None, cluster: bool = False) -> None:
@@ -78,61 +51,11 @@ def _check_device(device, world: int, local_ranks: int | None, cluster: bool = F
             raise ConfigError(f"{spawned} local ranks but only {torch.cuda.device_count()} GPUs on this machine")
 
 
-class _InProcess:
-    """Serial, or one rank of a torchrun job: the runtime lives in this process."""
-
-    def __init__(self, model, parallel: ParallelConfig, rank, world, local_rank, device, dtype):
-        from engine.runtime import make_runtime
-
-        self.watch = None
-        if world > 1:
-            from comms.failure import FailureWatch, store_address
-
-            address = store_address()
-            if address:
-                self.watch = FailureWatch(rank, *address)
-        try:
-            topo = groups.init_distributed(rank, world, local_rank, device, parallel.comm_timeout_s)
-            self.runtime = make_runtime(model, topo, dtype)
-        except BaseException as exc:
-            self._report(exc)
-            raise
-        self.info = self.runtime.info
-
-    def _report(self, exc):
-        if self.watch is not None:
-            self.watch.report(exc)
-
-    def run(self, request):
-        try:
-            return self.runtime.run(request)
-        except BaseException as exc:
-            self._report(exc)
-            raise
-
-    def stream(self, request):
-        try:
-            yield from self.runtime.stream(request)
-        except GeneratorExit:
-            raise
-        except BaseException as exc:
-            self._report(exc)
-            raise
-        finally:
-            self.last_reports = [getattr(self.runtime, "last_report", None)]
-
-    def close(self):
-        if self.watch is not None:
-            self.watch.stop()
-            self.watch = None
-        groups.shutdown()
-
-
 LAUNCHERS = ("local", "ray")
 
 
 class Engine:
-    def __init__(self, model: str, parallel: ParallelConfig, backend, launch: str):
+    def __init__(self, model: str, parallel: ParallelConfig, backend: Backend, launch: str):
         self.model = model
         self.parallel = parallel
         self._backend = backend
@@ -165,7 +88,7 @@ class Engine:
         env = groups.env_world()
         if env is not None and env[1] > 1 and launcher == "ray":
             raise ConfigError("launcher='ray' starts its own ranks; do not run it under torchrun")
-        from engine.video import is_video_model
+        from engine.models.video import is_video_model
 
         video = is_video_model(model)
         if parallel is None:
@@ -173,8 +96,7 @@ class Engine:
             parallel = ParallelConfig(strategy=default_strategy(world, video), world_size=world)
         parallel = parallel.validate()
         if video and not strategy_of(parallel).streams_video:
-            raise ConfigError(f"{model} is a streaming video model: use strategy "
-                              f"{' or '.join(repr(n) for n in names(lambda s: s.streams_video))} (serial: one rank), "
+            raise ConfigError(f"{model} is a streaming video model: use strategy {video_strategies()}, "
                               f"not {parallel.strategy!r}")
         ray = launcher == "ray"
         _check_device(device, env[1] if env else parallel.world_size or 1,
@@ -184,11 +106,11 @@ class Engine:
             if parallel.world_size not in (None, world):
                 raise ConfigError(f"world_size={parallel.world_size} but torchrun started {world} ranks")
             parallel = replace(parallel, world_size=world)
-            return cls(model, parallel, _InProcess(model, parallel, rank, world, local_rank, device, dtype), "torchrun")
+            return cls(model, parallel, InProcess(model, parallel, rank, world, local_rank, device, dtype), "torchrun")
         world = parallel.world_size or 1
         parallel = replace(parallel, world_size=world)
         if world == 1:
-            return cls(model, parallel, _InProcess(model, parallel, 0, 1, 0, device, dtype), "serial")
+            return cls(model, parallel, InProcess(model, parallel, 0, 1, 0, device, dtype), "serial")
         if ray:
             from launch.ray_launcher import RayLauncher
 
@@ -205,7 +127,7 @@ class Engine:
 
     @property
     def rank(self) -> int:
-        return self._backend.runtime.topo.rank if isinstance(self._backend, _InProcess) else 0
+        return self._backend.runtime.topo.rank if isinstance(self._backend, InProcess) else 0
 
     def generate(
         self,
@@ -264,8 +186,7 @@ class Engine:
         `steps` per chunk, frame size and `kv_window` default to the model's settings;
         `float_frames` gives float32 frames in [0, 1] as decoded. The stream's `report`
         (throughput, time to first frame, per-rank busy/wait and bytes) is set when it ends."""
-        from engine.stream import build_stream_request
-        from engine.streaming import VideoStream
+        from engine.runtime.video import build_stream_request
 
         if getattr(self.info, "kind", "image") != "video":
             raise ConfigError(f"{self.model} is an image model: stream needs a causal video model "
@@ -275,6 +196,20 @@ class Engine:
         request = build_stream_request(self.info, self.parallel.strategy, self.parallel.world_size or 1, prompt,
                                        num_chunks, steps, seed, height, width, kv_window)
         return VideoStream(self, request, progress, float_frames)
+
+    def open_stream(self, stream: VideoStream):
+        """Start `stream`'s request on the ranks (called by VideoStream on its first frame):
+        the iterator of (chunk, frames, seconds). One stream at a time, and no generate meanwhile."""
+        with self._lock:
+            self._check_no_open_stream()
+            self._open_stream = stream
+        return self._backend.stream(stream.request)
+
+    def close_stream(self, stream: VideoStream) -> list:
+        """Mark `stream` ended (the engine serves the next request); every rank's report of it."""
+        if self._open_stream is stream:
+            self._open_stream = None
+        return list(self._backend.last_reports or [])
 
     def _check_no_open_stream(self) -> None:
         if self._open_stream is not None:
