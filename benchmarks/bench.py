@@ -46,7 +46,7 @@ def _engine_point(engine, strategy: str, size: int, args, serial_images=None) ->
     import numpy as np
 
     from engine import ParallelConfig
-    from engine.fidelity import compare
+    from engine.metrics import compare
 
     kwargs = dict(height=size, width=size, num_inference_steps=args.steps, guidance_scale=args.guidance,
                   seed=args.seed, progress=False)
@@ -77,7 +77,7 @@ def _peer_point(model: str, world: int, size: int, args, serial_images) -> dict:
     import numpy as np
 
     from benchmarks.peers import run_ulysses
-    from engine.fidelity import compare
+    from engine.metrics import compare
 
     job = dict(prompt=args.prompt, height=size, width=size, steps=args.steps, guidance_scale=args.guidance,
                seed=args.seed, repeats=args.repeats)

@@ -51,7 +51,7 @@ def _stale_step_bytes(report: dict) -> tuple[float, float]:
 
 def run(model, sizes, steps, worlds, strategies, warmups, seed, guidance, out_rows, gn_modes=("corrected",)):
     from engine import Engine, ParallelConfig
-    from engine.fidelity import compare
+    from engine.metrics import compare
 
     request = dict(num_inference_steps=steps, seed=seed, guidance_scale=guidance, progress=False)
     with Engine.from_pretrained(model) as serial:  # the reference, computed once per size

@@ -372,7 +372,7 @@ def environment(section: Section, plan: Plan) -> None:
 def _compare(a: np.ndarray, b: np.ndarray) -> float:
     """Relative L2 of `a` against `b`; where `b` is not finite (a half-precision overflow of a
     random model), equal non-finite positions count as equal and the rest is compared."""
-    from engine.fidelity import rel_l2
+    from engine.metrics import rel_l2
 
     if a.shape != b.shape:
         return math.inf

@@ -313,10 +313,12 @@ class IsolatedRanks:
 
 
 def rank_positions(world: int, which: str) -> list[int]:
-    """The ranks measured: all, or the first, a middle one and the last (edge bands have
-    one neighbour, middle ones two; uneven splits give the first bands more rows)."""
+    """The ranks measured: all, the first only, or the first, a middle one and the last (edge
+    bands have one neighbour, middle ones two; uneven splits give the first bands more rows)."""
     if which == "all":
         return list(range(world))
+    if which == "first":
+        return [0]
     return sorted({0, world // 2, world - 1})
 
 
@@ -456,8 +458,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=6, help="denoiser calls per request")
     parser.add_argument("--warmup", type=int, default=2, help="synchronous steps of the stale strategies")
     parser.add_argument("--pcpp-portion", type=float, default=0.3)
-    parser.add_argument("--ranks", choices=("edges", "all"), default="edges",
-                        help="measure the first, a middle and the last rank (edges) or every rank")
+    parser.add_argument("--ranks", choices=("edges", "all", "first"), default="edges",
+                        help="measure the first, a middle and the last rank (edges), every rank, or rank 0 only")
     parser.add_argument("--device", default=None, help="default: the local GPU if any, else cpu")
     parser.add_argument("--compile", action="store_true",
                         help="also measure every point under torch.compile (slow: inductor compiles each shape)")

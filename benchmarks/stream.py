@@ -26,7 +26,7 @@ HEADER = ("| ranks | steps per rank | first frame (s) | steady fps | x serial | 
 
 def measure(world: int, args, reference=None) -> tuple[dict, np.ndarray]:
     from engine import Engine, ParallelConfig
-    from engine.fidelity import rel_l2
+    from engine.metrics import rel_l2
 
     parallel = ParallelConfig(strategy="tpp" if world > 1 else "none", world_size=world)
     request = dict(steps=args.steps, height=args.size, width=args.size, seed=args.seed)

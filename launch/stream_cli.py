@@ -86,7 +86,7 @@ class FrameWriter:
 
 def compare_frames(frames: np.ndarray, reference: np.ndarray) -> dict:
     """PSNR, relative L2 and max abs error over all frames (uint8 in, [0, 1] scale)."""
-    from engine.fidelity import compare
+    from engine.metrics import compare
 
     if frames.shape != reference.shape:
         raise RuntimeError(f"the serial stream has frames {reference.shape}, this one {frames.shape}")

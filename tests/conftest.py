@@ -29,7 +29,7 @@ class EnginePool:
     later modules reuse them; the least recently used group is closed when more than
     MAX_LIVE_RANKS ranks would be alive (memory: ~0.4 GB per rank)."""
 
-    MAX_LIVE_RANKS = 12
+    MAX_LIVE_RANKS = 16
 
     def __init__(self):
         self.serial = {}

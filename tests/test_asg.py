@@ -11,7 +11,7 @@ import torch
 
 from engine import ParallelConfig
 from parallel.asg import guidance_weight, structure_mask
-from engine.fidelity import rel_l2
+from engine.metrics import rel_l2
 from parallel.asg.tiles import TileGrid
 from parallel.config import ConfigError
 

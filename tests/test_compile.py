@@ -16,7 +16,7 @@ import torch
 
 from benchmarks.isolated import IsolatedRanks, compile_breaks, load_subject
 from engine import ParallelConfig
-from engine.fidelity import rel_l2
+from engine.metrics import rel_l2
 from parallel.patch.compiled import BACKEND_ENV
 from parallel.config import ConfigError
 

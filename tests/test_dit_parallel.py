@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from engine import ParallelConfig
-from engine.fidelity import compare, rel_l2
+from engine.metrics import compare, rel_l2
 from parallel.patch.bands import BandPlan
 from tests.analytic import kv_bytes, kv_layers
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from engine import ParallelConfig
-from engine.fidelity import rel_l2
+from engine.metrics import rel_l2
 
 STEPS = 4  # every step is exact, so a few suffice (DPM-Solver's multistep history included)
 _refs = {}

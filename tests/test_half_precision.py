@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from engine import Engine, ParallelConfig
-from engine.fidelity import rel_l2
+from engine.metrics import rel_l2
 
 KW = dict(height=128, width=128, num_inference_steps=6, seed=0, progress=False)
 BF16_PATCH_SYNC_BOUND = 7e-3  # measured 3.5e-3 (2 ranks, tiny-sdxl, 128 px, 6 steps); serial bf16 vs fp32: ~1e-2

@@ -47,7 +47,7 @@ def _decode_cases(rank, world, cases):
     from comms import CommStats
     from comms.groups import init_distributed
     from engine.runtime.decode import decode_float, decode_float_parallel, decode_latents, decode_latents_parallel
-    from engine.fidelity import rel_l2
+    from engine.metrics import rel_l2
     from parallel.patch.context import PatchContext
     from parallel.patch.vae import parallelize_vae
 

@@ -3,7 +3,7 @@
 import pytest
 
 from engine import ParallelConfig
-from engine.fidelity import rel_l2
+from engine.metrics import rel_l2
 from parallel.patch.bands import BandPlan
 from tests.analytic import kv_bytes, kv_layers
 

@@ -15,7 +15,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from engine import Engine, ParallelConfig  # noqa: E402
-from engine.fidelity import rel_l2  # noqa: E402
+from engine.metrics import rel_l2  # noqa: E402
 from launch.worker import RankFailedError  # noqa: E402
 
 MODEL = "tiny-sd"

@@ -13,7 +13,7 @@ import torch
 
 from engine import Engine, ParallelConfig
 from engine.models.causal_video import ChunkKVCache
-from engine.fidelity import rel_l2
+from engine.metrics import rel_l2
 from engine.runtime.video import build_stream_request, describe_video
 from engine.models.video import flow_sigmas, load_video_model
 from launch.worker import RankFailedError

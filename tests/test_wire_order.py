@@ -16,7 +16,7 @@ import pytest
 
 from comms.wire_check import DEFERRED_ENV, RECORD_ENV, TAG0_ENV, check_order
 from engine import Engine, ParallelConfig
-from engine.fidelity import rel_l2
+from engine.metrics import rel_l2
 from engine.host_sync import ENV as HOST_SYNC_ENV
 
 PROMPT = "a red circle"

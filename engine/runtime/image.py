@@ -21,7 +21,7 @@ from parallel.asg import GuidanceSchedule, asg_plan, structure_guided
 from engine.runtime.decode import decode_latents, decode_latents_parallel
 from engine import host_sync
 from engine.faults import FAULT_ENV, injected_delay, injected_fault_step
-from engine.fidelity import compare
+from engine.metrics import compare
 from engine.latents import spatial_latents
 from engine.models import denoiser_of, info_from_pipeline, load_pipeline, pipeline_call_kwargs, resolve_scheduler
 from engine.requests import GenerateRequest

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from parallel.patch.kv import band_kv
 
 
-def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """SDPA on (batch, tokens, heads, head_dim) tensors; returns (batch, tokens, heads * head_dim)."""
     out = F.scaled_dot_product_attention(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), dropout_p=0.0, is_causal=False
@@ -29,7 +29,7 @@ def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torc
     return out.transpose(1, 2).flatten(2).to(query.dtype)
 
 
-def _project_qkv(attn, states: torch.Tensor, text: bool = False):
+def project_qkv(attn, states: torch.Tensor, text: bool = False):
     """(query, key, value), (B, L, heads, dim), with the optional q/k norms. `text`: the
     text stream of joint attention (SD3, Flux), which has its own projections and norms."""
     q, k, v, nq, nk = (("add_q_proj", "add_k_proj", "add_v_proj", "norm_added_q", "norm_added_k") if text
@@ -81,10 +81,10 @@ class PatchSelfAttnProcessor(_PatchProcessor):
             batch, channel, height, width = hidden_states.shape
             hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
 
-        query, key, value = _project_qkv(attn, hidden_states)
+        query, key, value = project_qkv(attn, hidden_states)
         key, value = _exchange_image_kv(ctx, self.name, key, value)
 
-        out = _attend(query, key, value)
+        out = attend(query, key, value)
         out = attn.to_out[1](attn.to_out[0](out))
         if input_ndim == 4:
             out = out.transpose(-1, -2).reshape(batch, channel, height, width)
@@ -103,17 +103,17 @@ class PatchJointAttnProcessor(_PatchProcessor):
         if attention_mask is not None:
             raise NotImplementedError(f"{self.name}: masked joint attention is not patch-parallel")
 
-        query, key, value = _project_qkv(attn, hidden_states)
+        query, key, value = project_qkv(attn, hidden_states)
         key, value = _exchange_image_kv(ctx, self.name, key, value)
 
         image_tokens = hidden_states.shape[1]
         if encoder_hidden_states is not None:  # [image; text], as the serial processor orders them
-            text_q, text_k, text_v = _project_qkv(attn, encoder_hidden_states, text=True)
+            text_q, text_k, text_v = project_qkv(attn, encoder_hidden_states, text=True)
             query = torch.cat([query, text_q], dim=1)
             key = torch.cat([key, text_k], dim=1)
             value = torch.cat([value, text_v], dim=1)
 
-        out = _attend(query, key, value)
+        out = attend(query, key, value)
         image, text = out[:, :image_tokens], out[:, image_tokens:]
         image = attn.to_out[1](attn.to_out[0](image))
         if encoder_hidden_states is None:
@@ -135,10 +135,10 @@ class PatchFluxAttnProcessor(_PatchProcessor):
             raise NotImplementedError(f"{self.name}: masked attention is not patch-parallel")
         from diffusers.models.embeddings import apply_rotary_emb
 
-        query, key, value = _project_qkv(attn, hidden_states)
+        query, key, value = project_qkv(attn, hidden_states)
         if encoder_hidden_states is not None:  # double-stream block: [text; image]
             text_tokens = encoder_hidden_states.shape[1]
-            text_q, text_k, text_v = _project_qkv(attn, encoder_hidden_states, text=True)
+            text_q, text_k, text_v = project_qkv(attn, encoder_hidden_states, text=True)
             query = torch.cat([text_q, query], dim=1)
             key = torch.cat([text_k, key], dim=1)
             value = torch.cat([text_v, value], dim=1)
@@ -151,7 +151,7 @@ class PatchFluxAttnProcessor(_PatchProcessor):
         image_k, image_v = _exchange_image_kv(ctx, self.name, key[:, text_tokens:], value[:, text_tokens:])
         key = torch.cat([key[:, :text_tokens], image_k], dim=1)
         value = torch.cat([value[:, :text_tokens], image_v], dim=1)
-        out = _attend(query, key, value)
+        out = attend(query, key, value)
         if encoder_hidden_states is None:
             return out
         text, image = out[:, :text_tokens], out[:, text_tokens:]

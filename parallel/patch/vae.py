@@ -22,9 +22,9 @@ decode keeps working on the same modules.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from parallel.patch.attention import attend, project_qkv
 from parallel.patch.context import PatchContext
 from parallel.patch.conv import HaloConv2d, can_halo
 from parallel.patch.groupnorm import PatchGroupNorm
@@ -54,23 +54,10 @@ class DecodeSelfAttnProcessor:
         if attn.group_norm is not None:  # a PatchGroupNorm: global statistics
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
-        key, value = self._full_kv(key, value, height, width)
-
-        heads = attn.heads
-        head_dim = key.shape[-1] // heads
-        query = query.view(batch, -1, heads, head_dim).transpose(1, 2)
-        key = key.view(batch, -1, heads, head_dim).transpose(1, 2)
-        value = value.view(batch, -1, heads, value.shape[-1] // heads).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-
-        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
-        out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
+        query, key, value = project_qkv(attn, hidden_states)  # (batch, band tokens, heads, dim)
+        heads = query.shape[2]
+        key, value = self._full_kv(key.flatten(2), value.flatten(2), height, width)
+        out = attend(query, key.unflatten(-1, (heads, -1)), value.unflatten(-1, (heads, -1)))
         out = attn.to_out[1](attn.to_out[0](out))
         out = out.transpose(-1, -2).reshape(batch, channel, height, width)
         if attn.residual_connection:
