@@ -26,7 +26,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from comms import wire
+import comms.wire as wire
 from comms.stats import nbytes
 
 STRIP_TAG = 7101

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from comms import wire
+import comms.wire as wire
 from comms.groups import default_store, wait_in_store
 
 STOP = -1

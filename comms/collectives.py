@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from comms import wire
+import comms.wire as wire
 
 
 def all_gather_object(obj, group=None) -> list:

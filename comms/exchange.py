@@ -34,7 +34,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from comms import wire
+import comms.wire as wire
 from comms.buckets import BucketPlan, Post
 from comms.stats import CommStats, nbytes
 

@@ -24,7 +24,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from comms import wire
+import comms.wire as wire
 
 RECORD_ENV, TAG0_ENV, DEFERRED_ENV = "TESSERA_WIRE_RECORD", "TESSERA_WIRE_TAG0", "TESSERA_WIRE_DEFERRED"
 
