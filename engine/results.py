@@ -138,26 +138,23 @@ class VideoStream:
 
     def _finish(self, failed: bool = False) -> None:
         self._done = True
-        try:
-            if self.progress:
-                sys.stderr.write("\n")
-            per_rank = self.engine.close_stream(self)
-            if failed:
-                return
-            per_chunk = self._frames / len(self._arrivals) if self._arrivals else 0
-            rates = [per_chunk * p["chunks"] / p["busy_s"] for p in per_rank if p and p["busy_s"] > 0]
-            r = self.request
-            self.report = {
-                "model": self.engine.model, "strategy": r.strategy, "world_size": r.world_size,
-                "steps": r.steps, "kv_window": r.kv_window, "height": r.height, "width": r.width,
-                "seed": r.seed, "chunks": len(self._arrivals), "frames": self._frames,
-                "elapsed_s": time.perf_counter() - self._start,
-                "time_to_first_frame_s": self._arrivals[0] if self._arrivals else None,
-                "steady_fps": self._steady_fps(),
-                "stage_bound_fps": min(rates) if rates else None,
-                "chunk_arrival_s": self._arrivals,
-                "per_rank": per_rank,
-                "launch": self.engine.launch,
-            }
-        finally:
-            self.engine.close_stream(self)  # idempotent: whatever failed above, the engine is free again
+        per_rank = self.engine.close_stream(self)  # the engine serves the next request from here on
+        if self.progress:
+            sys.stderr.write("\n")
+        if failed:
+            return
+        per_chunk = self._frames / len(self._arrivals) if self._arrivals else 0
+        rates = [per_chunk * p["chunks"] / p["busy_s"] for p in per_rank if p and p["busy_s"] > 0]
+        r = self.request
+        self.report = {
+            "model": self.engine.model, "strategy": r.strategy, "world_size": r.world_size,
+            "steps": r.steps, "kv_window": r.kv_window, "height": r.height, "width": r.width,
+            "seed": r.seed, "chunks": len(self._arrivals), "frames": self._frames,
+            "elapsed_s": time.perf_counter() - self._start,
+            "time_to_first_frame_s": self._arrivals[0] if self._arrivals else None,
+            "steady_fps": self._steady_fps(),
+            "stage_bound_fps": min(rates) if rates else None,
+            "chunk_arrival_s": self._arrivals,
+            "per_rank": per_rank,
+            "launch": self.engine.launch,
+        }

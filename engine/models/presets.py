@@ -87,6 +87,11 @@ def _tiny_vae(latent_channels: int = 4, **config):
     )
 
 
+# What the tiny UNets (SD- and SDXL-style) share: 4-channel latents of 32 rows, three levels.
+TINY_UNET = dict(sample_size=32, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
+                 norm_num_groups=8)
+
+
 def build_tiny_sd():
     """SD 1.x-style: UNet2DConditionModel with cross-attention, VAE, one CLIP text encoder."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -96,16 +101,11 @@ def build_tiny_sd():
     tokenizer = tiny_tokenizer()
     text_encoder = CLIPTextModel(_clip_config(len(tokenizer)))
     unet = UNet2DConditionModel(
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
+        **TINY_UNET,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(32, 64, 64),
-        layers_per_block=1,
         cross_attention_dim=32,
         attention_head_dim=8,
-        norm_num_groups=8,
     )
     vae = _tiny_vae()
     scheduler = DDIMScheduler(
@@ -134,13 +134,9 @@ def build_tiny_sdxl():
 
     time_dim = 8
     return sdxl_pipeline(lambda: UNet2DConditionModel(
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
+        **TINY_UNET,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64, 64),
-        layers_per_block=1,
         transformer_layers_per_block=(1, 1, 2),
         attention_head_dim=(2, 4, 4),
         use_linear_projection=True,
@@ -148,7 +144,6 @@ def build_tiny_sdxl():
         addition_time_embed_dim=time_dim,
         projection_class_embeddings_input_dim=6 * time_dim + 32,
         cross_attention_dim=64,
-        norm_num_groups=8,
     ))
 
 

@@ -83,7 +83,8 @@ class PatchContext:
             exchange.reset()
             exchange.configure(config.bucket_mb)
         group_index = self.topo.rank // len(ranks) if cfg_split else 0
-        self.layout = RequestLayout(config, strategy_of(config), plan, cfg_split, group_index, ranks.index(self.topo.rank), exchange)
+        self.layout = RequestLayout(config, strategy_of(config), plan, cfg_split, group_index,
+                                    ranks.index(self.topo.rank), exchange)
         self._weights = {}
         self.step = -1
         self.enabled = True
