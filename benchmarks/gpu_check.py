@@ -474,7 +474,8 @@ def sdxl_pipeline_dir(path: str, unet_config: str, device: str, dtype: torch.dty
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from engine.models.presets import PRESET_SEED, PRESETS, _clip_config
+    from engine.models.presets import PRESETS
+    from engine.models.tiny_parts import PRESET_SEED, clip_config
 
     base = PRESETS["tiny-sdxl"]()  # tokenizers, VAE, scheduler
     if unet_config == "published":
@@ -487,8 +488,8 @@ def sdxl_pipeline_dir(path: str, unet_config: str, device: str, dtype: torch.dty
     pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
     first = config["cross_attention_dim"] - pooled
     torch.manual_seed(PRESET_SEED)
-    text_encoder = CLIPTextModel(_clip_config(len(base.tokenizer), hidden=first))
-    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(len(base.tokenizer_2), hidden=pooled,
+    text_encoder = CLIPTextModel(clip_config(len(base.tokenizer), hidden=first))
+    text_encoder_2 = CLIPTextModelWithProjection(clip_config(len(base.tokenizer_2), hidden=pooled,
                                                               projection_dim=pooled))
     with torch.device(device):  # a 2.6B-parameter UNet initialises in seconds on a GPU
         unet = UNet2DConditionModel(**config)

@@ -23,3 +23,45 @@ def test_hooks_are_removable_and_the_model_is_the_original_again():
     with torch.no_grad():
         after = unet(sample, t, encoder_hidden_states=text).sample
     torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def _installed(name="tiny-sd"):
+    pipe = load_pipeline(name, torch.device("cpu"))
+    ctx = PatchContext(Topology(0, 1, 0, torch.device("cpu")), CommStats())
+    backbone_of(pipe).install(pipe, ctx)
+    return pipe, ctx
+
+
+def test_the_guard_names_a_conv_replaced_after_the_install():
+    import pytest
+    from parallel.errors import ConfigError
+
+    pipe, ctx = _installed()
+    ctx.check_installed()  # as installed: nothing to refuse
+    old = pipe.unet.down_blocks[0].resnets[0].conv1
+    pipe.unet.down_blocks[0].resnets[0].conv1 = torch.nn.Conv2d(old.in_channels, old.out_channels, 3, padding=1)
+    with pytest.raises(ConfigError, match=r"down_blocks\.0\.resnets\.0\.conv1 \(Conv2d\) was added or replaced"):
+        ctx.check_installed()
+
+
+def test_the_guard_names_an_attention_processor_replaced_after_the_install():
+    import pytest
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    from parallel.errors import ConfigError
+
+    pipe, ctx = _installed()
+    pipe.unet.set_attn_processor(AttnProcessor2_0())  # what enabling xformers or IP-Adapter does
+    with pytest.raises(ConfigError, match=r"attn1\.processor \(AttnProcessor2_0\)"):
+        ctx.check_installed()
+
+
+def test_the_guard_covers_dit_processors():
+    import pytest
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    from parallel.errors import ConfigError
+
+    pipe, ctx = _installed("tiny-pixart")
+    ctx.check_installed()
+    pipe.transformer.set_attn_processor(AttnProcessor2_0())
+    with pytest.raises(ConfigError, match=r"attn1\.processor"):
+        ctx.check_installed()

@@ -28,10 +28,10 @@ def _vae(model):
     import torch
 
     if model == "tiny-sd":
-        from engine.models.presets import PRESET_SEED, _tiny_vae
+        from engine.models.tiny_parts import PRESET_SEED, tiny_vae
 
         torch.manual_seed(PRESET_SEED)  # the same random weights on every rank
-        return _tiny_vae()
+        return tiny_vae()
     from diffusers import AutoencoderKL
 
     from engine.models.presets import TRAINED_PRESETS

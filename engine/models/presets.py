@@ -19,78 +19,9 @@ from typing import Callable
 import torch
 
 from engine.models.info import ModelInfo
+from engine.models.tiny_parts import PRESET_SEED, TINY_UNET, clip_config, sdxl_pipeline, tiny_tokenizer, tiny_vae
 from engine.models.presets_dit import build_tiny_flux, build_tiny_pixart, build_tiny_sd3
 from engine.models.presets_layout import build_flux_layout, build_pixart_layout, build_sdxl_layout
-
-PRESET_SEED = 1234
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """CLIP's reversible byte -> printable character table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def tiny_tokenizer(max_length: int = 77):
-    """A character-level CLIP tokenizer that needs no files: every byte is a token."""
-    from transformers import CLIPTokenizer
-
-    chars = list(bytes_to_unicode().values())
-    tokens = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
-    vocab = {tok: i for i, tok in enumerate(tokens)}
-    tok = CLIPTokenizer(vocab=vocab, merges=[])
-    tok.model_max_length = max_length
-    return tok
-
-
-def _clip_config(vocab_size: int, hidden: int = 32, projection_dim: int = 32):
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        projection_dim=projection_dim,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-        hidden_act="gelu",
-    )
-
-
-def _tiny_vae(latent_channels: int = 4, **config):
-    """`config`: further AutoencoderKL settings (scaling/shift factors, quant convs)."""
-    from diffusers import AutoencoderKL
-
-    # Four blocks: the usual factor-8 latent, with very few channels.
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 16, 16),
-        layers_per_block=1,
-        latent_channels=latent_channels,
-        norm_num_groups=4,
-        sample_size=64,
-        **config,
-    )
-
-
-# What the tiny UNets (SD- and SDXL-style) share: 4-channel latents of 32 rows, three levels.
-TINY_UNET = dict(sample_size=32, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
-                 norm_num_groups=8)
-
 
 def build_tiny_sd():
     """SD 1.x-style: UNet2DConditionModel with cross-attention, VAE, one CLIP text encoder."""
@@ -99,7 +30,7 @@ def build_tiny_sd():
 
     torch.manual_seed(PRESET_SEED)
     tokenizer = tiny_tokenizer()
-    text_encoder = CLIPTextModel(_clip_config(len(tokenizer)))
+    text_encoder = CLIPTextModel(clip_config(len(tokenizer)))
     unet = UNet2DConditionModel(
         **TINY_UNET,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
@@ -107,7 +38,7 @@ def build_tiny_sd():
         cross_attention_dim=32,
         attention_head_dim=8,
     )
-    vae = _tiny_vae()
+    vae = tiny_vae()
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -145,39 +76,6 @@ def build_tiny_sdxl():
         projection_class_embeddings_input_dim=6 * time_dim + 32,
         cross_attention_dim=64,
     ))
-
-
-def sdxl_pipeline(make_unet: Callable):
-    """An SDXL pipeline around `make_unet()`: two tiny CLIP text encoders (width 32, pooled
-    32), a tiny VAE and SDXL's Euler scheduler, built in a fixed order from PRESET_SEED."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    torch.manual_seed(PRESET_SEED)
-    tokenizer = tiny_tokenizer()
-    tokenizer_2 = tiny_tokenizer()
-    text_encoder = CLIPTextModel(_clip_config(len(tokenizer)))
-    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(len(tokenizer_2)))
-    unet = make_unet()
-    vae = _tiny_vae()
-    vae.register_to_config(scaling_factor=0.13025, force_upcast=False)
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        steps_offset=1,
-        timestep_spacing="leading",
-    )
-    return StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
-        unet=unet,
-        scheduler=scheduler,
-        force_zeros_for_empty_prompt=True,
-    )
 
 
 PRESETS: dict[str, Callable] = {

@@ -4,12 +4,14 @@ Same rules as the UNet presets in `engine.models.presets`: seeded, built in a fi
 build is bit-identical; char-level tokenizers that need no files (the pipelines do not
 check tokenizer classes, and a T5 tokenizer would need sentencepiece or a tokenizer file).
 Every transformer has 32 hidden dims (2 heads x 16) so a 20-step generation takes seconds
-on a CPU. The shared helpers are imported lazily: `engine.models.presets` imports this module.
+on a CPU. Shared parts come from `engine.models.tiny_parts`.
 """
 
 from __future__ import annotations
 
 import torch
+
+from engine.models.tiny_parts import PRESET_SEED, clip_config, eval_mode, tiny_tokenizer, tiny_vae
 
 # The VAE latent statistics of the real models (decode_latents and the pipelines read them).
 SD3_VAE = dict(scaling_factor=1.5305, shift_factor=0.0609)
@@ -37,20 +39,10 @@ def _t5_encoder(vocab_size: int, d_model: int = 32):
     return T5EncoderModel(config)
 
 
-def _eval(pipe):
-    """Inference mode, as from_pretrained leaves a model: modules built from a config start
-    in training mode, where dropout would draw from the global RNG on every call."""
-    for module in pipe.components.values():
-        if isinstance(module, torch.nn.Module):
-            module.eval()
-    return pipe
-
-
 def _flow_vae(factors: dict):
     """The 16-channel VAE of SD3 and Flux: no quant convs, latents scaled and shifted."""
-    from engine.models.presets import _tiny_vae
 
-    return _tiny_vae(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, **factors)
+    return tiny_vae(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, **factors)
 
 
 def build_tiny_pixart():
@@ -75,13 +67,12 @@ def pixart_pipeline(make_transformer):
     and PixArt-Sigma's own scheduler config, built in a fixed order from PRESET_SEED."""
     from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline
 
-    from engine.models.presets import PRESET_SEED, _tiny_vae, tiny_tokenizer
 
     torch.manual_seed(PRESET_SEED)
     tokenizer = tiny_tokenizer()
     text_encoder = _t5_encoder(len(tokenizer))
     transformer = make_transformer()
-    vae = _tiny_vae()
+    vae = tiny_vae()
     scheduler = DPMSolverMultistepScheduler(
         beta_start=0.0001,
         beta_end=0.02,
@@ -93,7 +84,7 @@ def pixart_pipeline(make_transformer):
     pipe = PixArtSigmaPipeline(
         tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
     )
-    return _eval(pipe)
+    return eval_mode(pipe)
 
 
 def build_tiny_sd3():
@@ -102,14 +93,13 @@ def build_tiny_sd3():
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
 
-    from engine.models.presets import PRESET_SEED, _clip_config, tiny_tokenizer
 
     torch.manual_seed(PRESET_SEED)
     tokenizer = tiny_tokenizer()
     tokenizer_2 = tiny_tokenizer()
     tokenizer_3 = tiny_tokenizer()
-    text_encoder = CLIPTextModelWithProjection(_clip_config(len(tokenizer)))
-    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(len(tokenizer_2)))
+    text_encoder = CLIPTextModelWithProjection(clip_config(len(tokenizer)))
+    text_encoder_2 = CLIPTextModelWithProjection(clip_config(len(tokenizer_2)))
     text_encoder_3 = _t5_encoder(len(tokenizer_3), d_model=64)
     transformer = SD3Transformer2DModel(
         sample_size=32,
@@ -129,7 +119,7 @@ def build_tiny_sd3():
     texts = dict(text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
     pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae, **texts,
                                     text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
-    return _eval(pipe)
+    return eval_mode(pipe)
 
 
 def build_tiny_flux():
@@ -157,12 +147,11 @@ def flux_pipeline(make_transformer):
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
     from transformers import CLIPTextModel
 
-    from engine.models.presets import PRESET_SEED, _clip_config, tiny_tokenizer
 
     torch.manual_seed(PRESET_SEED)
     tokenizer = tiny_tokenizer()
     tokenizer_2 = tiny_tokenizer()
-    text_encoder = CLIPTextModel(_clip_config(len(tokenizer)))
+    text_encoder = CLIPTextModel(clip_config(len(tokenizer)))
     text_encoder_2 = _t5_encoder(len(tokenizer_2))
     transformer = make_transformer()
     vae = _flow_vae(FLUX_VAE)
@@ -177,4 +166,4 @@ def flux_pipeline(make_transformer):
     )
     texts = dict(text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
     pipe = FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae, **texts)
-    return _eval(pipe)
+    return eval_mode(pipe)

@@ -16,6 +16,9 @@ published config and the module graphs against the published model on the `meta`
 
 from __future__ import annotations
 
+from engine.models.presets_dit import flux_pipeline, pixart_pipeline
+from engine.models.tiny_parts import eval_mode, sdxl_pipeline
+
 
 # Published denoiser configs (benchmarks/model_configs) whose structure each preset keeps.
 PUBLISHED = {
@@ -105,18 +108,13 @@ def build_sdxl_layout():
     70 cross-attention layers; channels 32 / 64 / 128 with 32 GroupNorm groups; two tiny CLIPs."""
     from diffusers import UNet2DConditionModel
 
-    from engine.models.presets import sdxl_pipeline
-    from engine.models.presets_dit import _eval
-
-    return _eval(sdxl_pipeline(lambda: UNet2DConditionModel(**SDXL_UNET, **_narrowed("sdxl-layout"))))
+    return eval_mode(sdxl_pipeline(lambda: UNet2DConditionModel(**SDXL_UNET, **_narrowed("sdxl-layout"))))
 
 
 def build_pixart_layout():
     """PixArt-Sigma XL/2's transformer graph: 28 adaLN-single blocks, each self-attention +
     cross-attention to T5 tokens + MLP; width 32 (2 heads x 16); a tiny T5."""
     from diffusers import PixArtTransformer2DModel
-
-    from engine.models.presets_dit import pixart_pipeline
 
     return pixart_pipeline(lambda: PixArtTransformer2DModel(**PIXART_SIGMA, **_narrowed("pixart-layout")))
 
@@ -125,7 +123,5 @@ def build_flux_layout():
     """FLUX.1-dev's transformer graph: 19 double-stream (joint attention) blocks and 38
     single-stream blocks, guidance embedding; width 32 (2 heads x 16); a tiny CLIP and T5."""
     from diffusers import FluxTransformer2DModel
-
-    from engine.models.presets_dit import flux_pipeline
 
     return flux_pipeline(lambda: FluxTransformer2DModel(**FLUX1_DEV, **_narrowed("flux-layout")))

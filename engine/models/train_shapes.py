@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from engine.models.presets import bytes_to_unicode
+from engine.models.tiny_parts import bytes_to_unicode
 
 # ---------------------------------------------------------------------------------------------
 # Data: procedural scenes of 1-2 shapes. A scene is described in unit coordinates, so the same

@@ -113,7 +113,7 @@ def build_tiny_causal_video() -> VideoModel:
     from transformers import T5EncoderModel
 
     from engine.models.causal_video import CausalWanTransformer
-    from engine.models.presets import tiny_tokenizer
+    from engine.models.tiny_parts import tiny_tokenizer
     from engine.models.presets_dit import _t5_encoder
 
     tokenizer = tiny_tokenizer(max_length=32)

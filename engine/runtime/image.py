@@ -206,6 +206,7 @@ class RankRuntime:
             latents = self._denoise(request)
         else:
             vae = self.info.vae_scale_factor
+            self.ctx.check_installed()
             self.ctx.begin_request(cfg, request.height // vae, request.width // vae, self.info.align, request.cfg_split)
             try:
                 latents = self._denoise(request)

@@ -63,6 +63,11 @@ class _PatchProcessor:
         self.original = original
 
 
+def is_patch_processor(processor) -> bool:
+    """Whether `processor` is one of the patch-aware processors (of any model family)."""
+    return isinstance(processor, _PatchProcessor)
+
+
 class PatchSelfAttnProcessor(_PatchProcessor):
     """For diffusers' `Attention` run by AttnProcessor2_0 (self-attention only)."""
 

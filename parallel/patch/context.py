@@ -49,6 +49,7 @@ class PatchContext:
         self._weights: dict = {}
         self.step_cache: dict = {}
         self.hooks: list = []  # handles of the split/gather hooks installed for this context
+        self.guards: list = []  # callables raising ConfigError when an installed model was changed since
         # Per-step constants: layers read these, never `step` (under torch.compile a value
         # read is guarded on, and a guard on the step number would recompile every step).
         self._sync = True
@@ -96,6 +97,12 @@ class PatchContext:
         for handle in self.hooks:
             handle.remove()
         self.hooks = []
+
+    def check_installed(self) -> None:
+        """Refuse, naming the module, a model changed after the parallel layers were installed
+        (a plain conv, GroupNorm or attention processor would silently break the split)."""
+        for guard in self.guards:
+            guard()
 
     def use_compile(self, on: bool) -> None:
         """Run the compiled denoiser (parallel.patch.compiled) in this request's repeating steps;

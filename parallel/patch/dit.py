@@ -22,6 +22,7 @@ from torch import nn
 
 from parallel.patch.attention import PatchFluxAttnProcessor, PatchJointAttnProcessor, PatchSelfAttnProcessor
 from parallel.patch.context import PatchContext
+from parallel.patch.install import check_patch_aware, install_processors
 from parallel.patch.split import gather_pieces, take_cfg_half
 
 # Transformer forward arguments whose first dimension is the batch (any of the three).
@@ -45,6 +46,7 @@ def token_scale(model: nn.Module) -> int:
 def parallelize_transformer(model: nn.Module, ctx: PatchContext) -> None:
     packed = type(model).__name__ == "FluxTransformer2DModel"  # input is already tokens
     _install_processors(model, ctx)
+    ctx.guards.append(lambda: check_patch_aware((), ctx, model))  # token-local layers need no swap
     signature = inspect.signature(model.forward)
     ctx.hooks.append(model.register_forward_pre_hook(_make_pre_hook(ctx, signature, packed), with_kwargs=True))
     if not packed:
@@ -54,20 +56,16 @@ def parallelize_transformer(model: nn.Module, ctx: PatchContext) -> None:
 
 
 def _install_processors(model: nn.Module, ctx: PatchContext) -> None:
-    processors = {}
-    for key, processor in model.attn_processors.items():
-        attn = model.get_submodule(key.rsplit(".processor", 1)[0])
-        if getattr(attn, "is_cross_attention", False):
-            processors[key] = processor  # text-only keys: nothing to exchange
-            continue
+    def wrap(key, processor):
         cls = _PROCESSORS.get(type(processor).__name__)
         if cls is None:
             raise NotImplementedError(
                 f"{key}: attention processor {type(processor).__name__} is not patch-parallel "
                 f"(supported: {', '.join(_PROCESSORS)})"
             )
-        processors[key] = cls(ctx, key, processor)
-    model.set_attn_processor(processors)
+        return cls(ctx, key, processor)
+
+    install_processors(model, wrap)
 
 
 def _band_tokens(ctx: PatchContext, scale: int) -> tuple[int, int]:

@@ -20,8 +20,7 @@ from torch import nn
 
 from parallel.patch.attention import PatchSelfAttnProcessor
 from parallel.patch.context import PatchContext
-from parallel.patch.conv import HaloConv2d, can_halo
-from parallel.patch.groupnorm import PatchGroupNorm
+from parallel.patch.install import check_patch_aware, install_processors, swap_layers
 from parallel.patch.split import gather_pieces, take_cfg_half
 
 # UNet forward arguments whose first dimension is the batch.
@@ -34,33 +33,9 @@ def downsampling_factor(unet) -> int:
 
 
 def parallelize_unet(unet: nn.Module, ctx: PatchContext) -> None:
-    for name, module in unet.named_modules():
-        if isinstance(module, nn.Conv2d) and module.kernel_size[0] > 1 and not (
-            type(module) is nn.Conv2d and can_halo(module)
-        ):
-            raise NotImplementedError(
-                f"{name}: {type(module).__name__}(kernel={module.kernel_size}, padding={module.padding}, "
-                f"dilation={module.dilation}, mode={module.padding_mode}) crosses band boundaries in a way "
-                "patch parallelism does not handle"
-            )
-        if type(module) is nn.Conv2d and can_halo(module):
-            module.__class__ = HaloConv2d
-        elif type(module) is nn.GroupNorm:
-            module.__class__ = PatchGroupNorm
-        else:
-            continue
-        module._tessera_ctx = ctx
-        module._tessera_name = name
-
-    processors = {}
-    for key, processor in unet.attn_processors.items():
-        attn = unet.get_submodule(key.rsplit(".processor", 1)[0])
-        if getattr(attn, "is_cross_attention", True):
-            processors[key] = processor
-        else:
-            processors[key] = PatchSelfAttnProcessor(ctx, key, processor)
-    unet.set_attn_processor(processors)
-
+    swap_layers(unet.named_modules(), ctx)
+    install_processors(unet, lambda key, original: PatchSelfAttnProcessor(ctx, key, original))
+    ctx.guards.append(lambda: check_patch_aware(unet.named_modules(), ctx, unet))
     signature = inspect.signature(unet.forward)
     ctx.hooks.append(unet.register_forward_pre_hook(_make_pre_hook(ctx, signature), with_kwargs=True))
     ctx.hooks.append(unet.register_forward_hook(_make_post_hook(ctx), with_kwargs=True))

@@ -26,8 +26,7 @@ from torch import nn
 
 from parallel.patch.attention import attend, project_qkv
 from parallel.patch.context import PatchContext
-from parallel.patch.conv import HaloConv2d, can_halo
-from parallel.patch.groupnorm import PatchGroupNorm
+from parallel.patch.install import swap_layers
 
 
 class DecodeSelfAttnProcessor:
@@ -77,20 +76,6 @@ class DecodeSelfAttnProcessor:
         return full[..., : key.shape[-1]], full[..., key.shape[-1] :]
 
 
-def _check(module: nn.Module, name: str) -> None:
-    if isinstance(module, nn.ConvTranspose2d):
-        raise NotImplementedError(f"{name}: transposed convs are not band-parallel")
-    if isinstance(module, nn.Conv2d) and module.kernel_size[0] > 1 and not (
-        type(module) is nn.Conv2d and can_halo(module) and module.stride[0] == 1
-    ):
-        raise NotImplementedError(
-            f"{name}: {type(module).__name__}(kernel={module.kernel_size}, padding={module.padding}, "
-            f"stride={module.stride}) crosses band boundaries in a way parallel decode does not handle"
-        )
-    if _is_attention(module) and getattr(module, "is_cross_attention", False):
-        raise NotImplementedError(f"{name}: cross-attention in a VAE decoder")
-
-
 def _is_attention(module: nn.Module) -> bool:
     return hasattr(module, "set_processor") and hasattr(module, "processor")  # diffusers Attention
 
@@ -112,17 +97,10 @@ def parallelize_vae(vae: nn.Module, ctx: PatchContext) -> None:
     if getattr(vae, "post_quant_conv", None) is not None:
         modules.append(("post_quant_conv", vae.post_quant_conv))
     for name, module in modules:
-        _check(module, name)
+        if _is_attention(module) and getattr(module, "is_cross_attention", False):
+            raise NotImplementedError(f"{name}: cross-attention in a VAE decoder")
+    swap_layers(modules, ctx, stride_one=True)  # incl. the attention's own group_norm
     for name, module in modules:
-        if type(module) is nn.Conv2d and can_halo(module):
-            module.__class__ = HaloConv2d
-        elif type(module) is nn.GroupNorm:  # incl. the attention's own group_norm
-            module.__class__ = PatchGroupNorm
-        elif _is_attention(module):
+        if _is_attention(module):
             module.set_processor(DecodeSelfAttnProcessor(ctx, name + ".processor", module.processor))
-            continue
-        else:
-            continue
-        module._tessera_ctx = ctx
-        module._tessera_name = name
     vae._tessera_decode_ctx = ctx
