@@ -11,6 +11,7 @@ Euler step to sigma_{k+1}. After step T-1 the chunk is clean and is decoded into
 - `strategy="tpp"`: rank r owns a run of steps (`parallel.tpp.StagePlan`) and their caches,
   receives each chunk's latent from rank r - 1 (rank 0 draws the noise), runs its steps and
   sends the latent on asynchronously (`comms.chunk_link.ChunkLink`); the last rank decodes.
+  The loop is `parallel.tpp.run_chunk_pipeline`; this module supplies the model's parts.
   Every rank does exactly the computations the single rank does, on the same inputs, so the
   frames are equal (up to float reassociation where ranks use other thread counts; the
   tests allow a relative L2 of 1e-5 and measure 0).
@@ -25,7 +26,7 @@ import torch
 
 from comms import CommStats, wire_check
 from comms.collectives import check_same_weights
-from comms.chunk_link import STOP, ChunkLink
+from comms.chunk_link import ChunkLink
 from comms.groups import store_barrier
 from engine.models.causal_video import ChunkKVCache
 from engine import host_sync
@@ -33,7 +34,7 @@ from engine.faults import FAULT_ENV, injected_delay, injected_fault_step
 from engine.models.video import VideoModel, flow_sigmas, load_video_model, wan_vae_factor
 from parallel.config import ConfigError, is_int
 from parallel.registry import strategy_of, video_strategies
-from parallel.tpp import StagePlan
+from parallel.tpp import ChunkStage, PipelineCounters, StagePlan, run_chunk_pipeline
 
 
 @dataclass(frozen=True)
@@ -186,7 +187,6 @@ class VideoRuntime:
         rank = self.topo.rank if ranks > 1 else 0
         plan = StagePlan.build(request.steps, ranks)
         mine = plan.steps_of(rank)
-        first, last = rank == 0, rank == plan.decode_rank
         model, spec = self.model, self.model.spec
         frames = spec.frames_per_chunk
         f = model.vae_factor
@@ -197,68 +197,51 @@ class VideoRuntime:
         sigmas = flow_sigmas(request.steps, spec.shift).tolist()  # host numbers: no tensor read per step
         caches = {k: ChunkKVCache(model.num_layers, request.kv_window) for k in mine}
         text = model.encode_prompt(request.prompt, device).to(self.dtype)
-        generator = torch.Generator("cpu").manual_seed(request.seed) if first else None
+        generator = torch.Generator("cpu").manual_seed(request.seed) if rank == 0 else None
         fault_at = injected_fault_step(rank)
         busy_clock = BusyClock(device)  # compute time, without syncing a device per chunk
-        decode_s = throttled = 0.0
         cache_chunks, cache_bytes = [], []
+        counters = PipelineCounters()
+
+        def before_chunk(chunk):
+            stats.step = chunk
+            host_sync.arm(chunk >= 1)  # testing hook: watch every chunk after the first
+
+        def noise():
+            drawn = torch.randn(shape, generator=generator, dtype=torch.float32)
+            if device.type == "cuda":
+                drawn = drawn.pin_memory()  # copied to the GPU without stalling the host
+            return drawn.to(device, self.dtype, non_blocking=True)
+
+        def denoise(latent, chunk):
+            busy_clock.start()
+            with torch.no_grad():
+                for k in mine:
+                    # float32 even for a bf16 model: bf16 would round the timestep (936 for 937.5)
+                    t = torch.full((1,), float(sigmas[k]) * 1000.0, dtype=torch.float32, device=device)
+                    flow = model.transformer.forward_chunk(latent, t, text, caches[k], frame_offset=chunk * frames)
+                    latent = latent + float(sigmas[k + 1] - sigmas[k]) * flow
+            busy_clock.stop()
+            if mine:
+                cache_chunks.append(caches[mine[0]].chunks_held)
+                cache_bytes.append(sum(c.nbytes() for c in caches.values()))
+            if chunk == fault_at:
+                raise RuntimeError(f"injected fault at chunk {chunk} ({FAULT_ENV})")
+            return latent
+
+        def decode(latent):
+            host_sync.arm(False)  # frames go to the host: the one sync a consumer needs
+            return model.decode(latent)
+
+        stage = ChunkStage(noise, denoise, decode, before_chunk)
         start = time.perf_counter()
-        chunk = 0
+        pipeline = run_chunk_pipeline(plan, rank, link, stage, request.num_chunks, counters, should_stop, may_start)
         try:
-            while True:
-                stats.step = chunk
-                host_sync.arm(chunk >= 1)  # testing hook: watch every chunk after the first
-                if first:
-                    if (request.num_chunks is not None and chunk >= request.num_chunks) or should_stop():
-                        break
-                    wait_from = time.perf_counter()
-                    may_start(chunk)
-                    throttled += time.perf_counter() - wait_from
-                    if should_stop():  # stopped while held back: start nothing more
-                        break
-                    noise = torch.randn(shape, generator=generator, dtype=torch.float32)
-                    if device.type == "cuda":
-                        noise = noise.pin_memory()  # copied to the GPU without stalling the host
-                    latent = noise.to(device, self.dtype, non_blocking=True)
-                else:
-                    got, latent = link.recv()
-                    if got == STOP:
-                        break
-                    if got != chunk:
-                        raise RuntimeError(f"rank {rank} expected chunk {chunk}, received {got}")
-                busy_clock.start()
-                with torch.no_grad():
-                    for k in mine:
-                        # float32 even for a bf16 model: bf16 would round the timestep (936 for 937.5)
-                        t = torch.full((1,), float(sigmas[k]) * 1000.0, dtype=torch.float32, device=device)
-                        flow = model.transformer.forward_chunk(latent, t, text, caches[k], frame_offset=chunk * frames)
-                        latent = latent + float(sigmas[k + 1] - sigmas[k]) * flow
-                busy_clock.stop()
-                if mine:
-                    cache_chunks.append(caches[mine[0]].chunks_held)
-                    cache_bytes.append(sum(c.nbytes() for c in caches.values()))
-                if chunk == fault_at:
-                    raise RuntimeError(f"injected fault at chunk {chunk} ({FAULT_ENV})")
-                if last:
-                    host_sync.arm(False)  # frames go to the host: the one sync a consumer needs
-                    began = time.perf_counter()
-                    video = model.decode(latent)
-                    decode_s += time.perf_counter() - began
-                    try:
-                        yield chunk, video, time.perf_counter() - start
-                    except GeneratorExit:
-                        # The caller stopped early. With a launcher, rank 0 is told by its stop
-                        # event; under torchrun it runs to num_chunks, so drain (without computing)
-                        # what upstream ranks still send, and nobody waits on this rank forever.
-                        while link is not None and link.recv()[0] != STOP:
-                            pass
-                        raise
-                else:
-                    link.send(chunk, latent)
-                chunk += 1
-            if not last:
-                link.send(STOP, None)
-                link.close()
+            try:
+                for chunk, video in pipeline:
+                    yield chunk, video, time.perf_counter() - start
+            finally:
+                pipeline.close()  # a consumer that stopped early: the pipeline drains its upstream now
         finally:
             host_sync.arm(False)
             busy = busy_clock.total()
@@ -266,8 +249,9 @@ class VideoRuntime:
                 stats.resolve_cuda_waits()
             totals = stats.totals()
             elapsed = time.perf_counter() - start
+            decode_s, throttled = counters.decode_s, counters.throttled_s
             self.last_report = {
-                "rank": rank, "steps": list(mine), "chunks": chunk, "elapsed_s": elapsed,
+                "rank": rank, "steps": list(mine), "chunks": counters.chunks, "elapsed_s": elapsed,
                 "busy_s": busy + decode_s, "decode_s": decode_s, "wait_s": totals.comm_wait_s + throttled,
                 "backpressure_s": throttled,
                 "busy_fraction": (busy + decode_s) / elapsed if elapsed > 0 else 0.0,
