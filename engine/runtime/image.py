@@ -27,6 +27,7 @@ from engine.models import denoiser_of, info_from_pipeline, load_pipeline, pipeli
 from engine.requests import GenerateRequest
 from parallel.patch.compiled import install_compiled
 from parallel.patch.context import PatchContext
+from parallel.patch.kernels import choose_kernel, kernel_function
 from parallel.registry import strategy_of
 from parallel.patch.vae import parallelize_vae
 from parallel.patch.backbones import backbone_of
@@ -123,6 +124,10 @@ class RankRuntime:
         self.stats = CommStats()
         self.ctx = PatchContext(topo, self.stats)
         backbone = backbone_of(self.pipe)
+        self.attention = choose_kernel(topo.device, unet=getattr(self.pipe, "unet", None) is not None)
+        if self.attention == "xformers":  # the unsplit path too, so exact still equals serial
+            self.pipe.enable_xformers_memory_efficient_attention()
+        self.ctx.attention_kernel = kernel_function(self.attention)
         backbone.install(self.pipe, self.ctx)
         self.denoiser = denoiser_of(self.pipe)
         install_compiled(self.denoiser, self.ctx)  # runs eagerly unless a request asks to compile
@@ -143,6 +148,7 @@ class RankRuntime:
         if not self.topo.distributed:
             return
         ctx = PatchContext(self.topo, self.decode_stats, role="decode")
+        ctx.attention_kernel = self.ctx.attention_kernel
         try:
             parallelize_vae(self.pipe.vae, ctx)
         except NotImplementedError:
@@ -289,6 +295,7 @@ class RankRuntime:
             "gn_mode": cfg.gn_mode,
             "bucket_mb": cfg.bucket_mb,
             "compile": cfg.compile,
+            "attention": self.attention,
             "cfg_split": request.cfg_split,
             "device": str(device),
             "dtype": str(self.denoiser.dtype).replace("torch.", ""),

@@ -21,8 +21,11 @@ import torch.nn.functional as F
 from parallel.patch.kv import band_kv
 
 
-def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """SDPA on (batch, tokens, heads, head_dim) tensors; returns (batch, tokens, heads * head_dim)."""
+def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel=None) -> torch.Tensor:
+    """Attention on (batch, tokens, heads, head_dim) tensors; returns (batch, tokens, heads * head_dim).
+    `kernel`: a (B, M, H, K) kernel chosen by `parallel.patch.kernels` (xformers), else SDPA."""
+    if kernel is not None:
+        return kernel(query, key, value).flatten(2).to(query.dtype)
     out = F.scaled_dot_product_attention(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), dropout_p=0.0, is_causal=False
     )
@@ -89,7 +92,7 @@ class PatchSelfAttnProcessor(_PatchProcessor):
         query, key, value = project_qkv(attn, hidden_states)
         key, value = _exchange_image_kv(ctx, self.name, key, value)
 
-        out = attend(query, key, value)
+        out = attend(query, key, value, self.ctx.attention_kernel)
         out = attn.to_out[1](attn.to_out[0](out))
         if input_ndim == 4:
             out = out.transpose(-1, -2).reshape(batch, channel, height, width)
@@ -118,7 +121,7 @@ class PatchJointAttnProcessor(_PatchProcessor):
             key = torch.cat([key, text_k], dim=1)
             value = torch.cat([value, text_v], dim=1)
 
-        out = attend(query, key, value)
+        out = attend(query, key, value, self.ctx.attention_kernel)
         image, text = out[:, :image_tokens], out[:, image_tokens:]
         image = attn.to_out[1](attn.to_out[0](image))
         if encoder_hidden_states is None:
@@ -156,7 +159,7 @@ class PatchFluxAttnProcessor(_PatchProcessor):
         image_k, image_v = _exchange_image_kv(ctx, self.name, key[:, text_tokens:], value[:, text_tokens:])
         key = torch.cat([key[:, :text_tokens], image_k], dim=1)
         value = torch.cat([value[:, :text_tokens], image_v], dim=1)
-        out = attend(query, key, value)
+        out = attend(query, key, value, self.ctx.attention_kernel)
         if encoder_hidden_states is None:
             return out
         text, image = out[:, :text_tokens], out[:, text_tokens:]

@@ -49,6 +49,7 @@ class PatchContext:
         self._weights: dict = {}
         self.step_cache: dict = {}
         self.hooks: list = []  # handles of the split/gather hooks installed for this context
+        self.attention_kernel = None  # parallel.patch.kernels: None is SDPA
         self.guards: list = []  # callables raising ConfigError when an installed model was changed since
         # Per-step constants: layers read these, never `step` (under torch.compile a value
         # read is guarded on, and a guard on the step number would recompile every step).

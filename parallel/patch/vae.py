@@ -56,7 +56,7 @@ class DecodeSelfAttnProcessor:
         query, key, value = project_qkv(attn, hidden_states)  # (batch, band tokens, heads, dim)
         heads = query.shape[2]
         key, value = self._full_kv(key.flatten(2), value.flatten(2), height, width)
-        out = attend(query, key.unflatten(-1, (heads, -1)), value.unflatten(-1, (heads, -1)))
+        out = attend(query, key.unflatten(-1, (heads, -1)), value.unflatten(-1, (heads, -1)), ctx.attention_kernel)
         out = attn.to_out[1](attn.to_out[0](out))
         out = out.transpose(-1, -2).reshape(batch, channel, height, width)
         if attn.residual_connection:
