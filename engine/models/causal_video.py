@@ -22,9 +22,10 @@ from __future__ import annotations
 from collections import deque
 
 import torch
-import torch.nn.functional as F
 from diffusers import WanTransformer3DModel
 from diffusers.models.embeddings import get_1d_rotary_pos_embed
+
+from parallel.patch.attention import attend
 
 
 class ChunkKVCache:
@@ -102,9 +103,7 @@ class CachedSelfAttnProcessor:
             if past is not None:
                 keys, values = torch.cat([past[0], key], dim=1), torch.cat([past[1], value], dim=1)
             self.cache.stage(self.layer, key, value)
-        out = F.scaled_dot_product_attention(query.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2))
-        out = out.transpose(1, 2).flatten(2).type_as(query)
-        return attn.to_out[1](attn.to_out[0](out))
+        return attn.to_out[1](attn.to_out[0](attend(query, keys, values)))
 
 
 class GlobalFrameRotary(torch.nn.Module):

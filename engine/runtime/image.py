@@ -203,14 +203,37 @@ class RankRuntime:
             torch.cuda.reset_peak_memory_stats(device)
 
         start = time.perf_counter()
-        asg_report, asg_rank = None, {}
+        latents, asg_report, asg_rank = self._denoise_request(request)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # NCCL waits and kernels are asynchronous
+            self.stats.resolve_cuda_waits()
+        denoise_s = time.perf_counter() - start
+        part = self._rank_part(cfg, denoise_s, asg_rank)
+        # Both decode paths need (B, C, H, W); Flux packs its latents into tokens.
+        spatial = spatial_latents(self.pipe, latents, request.height, request.width)
+        decoded = self._decode_and_gather(spatial, part)
+        if decoded is None:  # not rank 0: its part is in rank 0's report
+            return RankOutput(None, None, {})
+        images, decode_s, parts = decoded
+        report = self._report(request, scheduler, time.perf_counter() - start, denoise_s, decode_s, parts)
+        if asg_report is not None:
+            report["asg"] = asg_report
+        latents_np = latents.float().cpu().numpy()
+        if request.compare_serial:
+            report["vs_serial"] = self._compare_serial(request, images, latents_np)
+        return RankOutput(images, latents_np, report)
+
+    def _denoise_request(self, request: GenerateRequest):
+        """The request's strategy: serial, tiles (asg) or row bands. Returns (latents, the
+        asg report or None, this rank's asg counters)."""
+        cfg = request.parallel
         self.ctx.use_compile(cfg.compile)
-        runner = strategy_of(cfg).runner
-        if runner == "tiles":
-            latents, asg_report, asg_rank = self._denoise_asg(request)
-        elif runner == "serial":
-            latents = self._denoise(request)
-        else:
+        try:
+            runner = strategy_of(cfg).runner
+            if runner == "tiles":
+                return self._denoise_asg(request)
+            if runner == "serial":
+                return self._denoise(request), None, {}
             vae = self.info.vae_scale_factor
             self.ctx.check_installed()
             self.ctx.begin_request(cfg, request.height // vae, request.width // vae, self.info.align, request.cfg_split)
@@ -223,15 +246,16 @@ class RankRuntime:
                     pass  # the original error is the one to report
                 raise
             self.ctx.end_request()
-        self.ctx.use_compile(False)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # NCCL waits and kernels are asynchronous
-            self.stats.resolve_cuda_waits()
-        denoise_s = time.perf_counter() - start
+            return latents, None, {}
+        finally:
+            self.ctx.use_compile(False)
 
+    def _rank_part(self, cfg, denoise_s: float, asg_rank: dict) -> dict:
+        """This rank's share of the report: its compute, waits, traffic and memory."""
+        device = self.topo.device
         totals = self.stats.totals()
         part = {
-            "rank": rank,
+            "rank": self.topo.rank,
             "device": str(device),
             "compute_s": max(0.0, denoise_s - totals.comm_wait_s),
             "comm_wait_s": totals.comm_wait_s,
@@ -246,8 +270,12 @@ class RankRuntime:
             part["trace"] = list(self.stats.trace)
         if host_sync.detector() is not None:
             part["host_syncs"] = host_sync.take_calls()
-        # Both decode paths need (B, C, H, W); Flux packs its latents into tokens.
-        spatial = spatial_latents(self.pipe, latents, request.height, request.width)
+        return part
+
+    def _decode_and_gather(self, spatial: torch.Tensor, part: dict):
+        """Decode the final latents and gather every rank's part. Returns (images, decode
+        seconds, parts) on rank 0, None elsewhere."""
+        device, rank = self.topo.device, self.topo.rank
         decode_start = time.perf_counter()
         if self.decode_ctx is not None:
             # Every rank decodes a row band of the final latents (identical on every rank:
@@ -268,18 +296,19 @@ class RankRuntime:
                 peak_mem_bytes=_peak_memory(device),  # denoise and decode
             )
             parts = all_gather_object(_with_wire_record(part))
-            if rank != 0:
-                return RankOutput(None, None, {})
-        else:
-            # Gather before rank 0 decodes alone: peers must not sit in a collective meanwhile.
-            parts = all_gather_object(_with_wire_record(part)) if self.topo.distributed else [part]
-            if rank != 0:
-                return RankOutput(None, None, {})
-            decode_start = time.perf_counter()
-            images = decode_latents(self.pipe, spatial)
-            decode_s = time.perf_counter() - decode_start
-        latency_s = time.perf_counter() - start
-        report = {
+            return (images, decode_s, parts) if rank == 0 else None
+        # Gather before rank 0 decodes alone: peers must not sit in a collective meanwhile.
+        parts = all_gather_object(_with_wire_record(part)) if self.topo.distributed else [part]
+        if rank != 0:
+            return None
+        decode_start = time.perf_counter()
+        images = decode_latents(self.pipe, spatial)
+        return images, time.perf_counter() - decode_start, parts
+
+    def _report(self, request: GenerateRequest, scheduler: str, latency_s: float, denoise_s: float,
+                decode_s: float, parts: list) -> dict:
+        cfg = request.parallel
+        return {
             "model": self.model,
             "pipeline": self.info.pipeline,
             "strategy": cfg.strategy,
@@ -297,7 +326,7 @@ class RankRuntime:
             "compile": cfg.compile,
             "attention": self.attention,
             "cfg_split": request.cfg_split,
-            "device": str(device),
+            "device": str(self.topo.device),
             "dtype": str(self.denoiser.dtype).replace("torch.", ""),
             "latency_s": latency_s,
             "denoise_s": denoise_s,
@@ -305,12 +334,6 @@ class RankRuntime:
             "decode": "parallel" if self.decode_ctx is not None else "serial",
             "per_rank": parts,
         }
-        if asg_report is not None:
-            report["asg"] = asg_report
-        latents_np = latents.float().cpu().numpy()
-        if request.compare_serial:
-            report["vs_serial"] = self._compare_serial(request, images, latents_np)
-        return RankOutput(images, latents_np, report)
 
     def _denoise_asg(self, request: GenerateRequest, reference: bool = False) -> tuple[torch.Tensor, dict, dict]:
         """ASG: over the ranks (tiles on ranks 0..N-2, the branch on N-1), or with
