@@ -26,6 +26,7 @@ import torch
 from comms import groups
 from engine.models import check_model_spec
 from engine.requests import build_request
+from engine.workflows import check_lora
 from engine.results import GenerateResult, VideoStream
 from launch.backend import Backend
 from launch.inprocess import InProcess
@@ -64,6 +65,10 @@ class Engine:
         self._respawn = None  # rebuilds a launched rank group (local or Ray)
         self._lock = threading.Lock()  # one request at a time, in arrival order
         self._open_stream = None  # the VideoStream in progress, if any
+        # LoRA adapters: loaded on the ranks with the next request (one trip, like its images)
+        self.adapters: dict[str, float] = {}  # name -> default weight, as the ranks will have them
+        self._lora_loads: list = []
+        self._lora_unloads: list = []
 
     @classmethod
     def from_pretrained(
@@ -142,9 +147,26 @@ class Engine:
         compare_serial: bool = False,
         parallel: ParallelConfig | None = None,
         progress: bool = True,
+        image=None,
+        mask_image=None,
+        strength: float | None = None,
+        controlnet=(),
+        control_image=None,
+        controlnet_conditioning_scale=1.0,
+        guidance_rescale: float = 0.0,
+        adapters: dict | None = None,
     ) -> GenerateResult:
         """Generate images for `prompt` (a string or a list). `parallel` may change the
-        strategy, warm-up, portion, ASG settings, CFG split ... for this request; not the world size."""
+        strategy, warm-up, portion, ASG settings, CFG split ... for this request; not the world size.
+
+        Add-ons (SD 1.x / SDXL; img2img and inpainting also SD3 and Flux):
+        - `image` (PIL image, uint8 array or path) with `strength`: img2img; with `mask_image`
+          (white = repaint): inpainting. Height and width default to the image's size.
+        - `controlnet`: a ControlNet (preset such as "tiny-controlnet", directory or hub id) or
+          a list of them, with one `control_image` each and `controlnet_conditioning_scale`.
+          ControlNets load on the ranks with the first request that names them.
+        - `adapters`: {name: weight} of LoRA adapters loaded with `load_lora` for this request
+          (default: every loaded adapter at its load weight)."""
         if parallel is not None:
             if parallel.world_size not in (None, self.parallel.world_size):
                 raise ConfigError("a request cannot change the world size; make a new engine")
@@ -162,10 +184,21 @@ class Engine:
             scheduler=scheduler,
             compare_serial=compare_serial,
             progress=progress,
+            image=image,
+            mask_image=mask_image,
+            strength=strength,
+            controlnets=controlnet,
+            control_image=control_image,
+            controlnet_conditioning_scale=controlnet_conditioning_scale,
+            guidance_rescale=guidance_rescale,
+            adapters=adapters,
+            loaded_adapters=tuple(self.adapters),
         )
         with self._lock:
             self._check_no_open_stream()
+            request = replace(request, lora_loads=tuple(self._lora_loads), lora_unloads=tuple(self._lora_unloads))
             output = self._backend.run(request)
+            self._lora_loads, self._lora_unloads = [], []  # the ranks have them now
         if output.images is None:
             return GenerateResult(report=output.report)
         from PIL import Image
@@ -176,6 +209,27 @@ class Engine:
             latents=torch.from_numpy(output.latents),
             report=report,
         )
+
+    def load_lora(self, name: str, source, weight: float = 1.0) -> None:
+        """Load a LoRA adapter (a .safetensors file, a directory or hub id diffusers'
+        `load_lora_weights` reads, or a state dict) as `name` on every rank, with the next
+        request. It is active at `weight` in every request until unloaded, unless a request
+        passes `adapters={...}`. Conv LoRA layers are patch-parallel too (exact in patch-sync)."""
+        check_lora(name, source, weight, self.info)
+        if name in self.adapters:
+            raise ConfigError(f"adapter {name!r} is already loaded; unload_lora({name!r}) first")
+        self.adapters[name] = float(weight)
+        self._lora_loads.append((name, source, float(weight)))
+
+    def unload_lora(self, name: str) -> None:
+        if name not in self.adapters:
+            raise ConfigError(f"adapter {name!r} is not loaded (loaded: {', '.join(self.adapters) or 'none'})")
+        del self.adapters[name]
+        pending = [load for load in self._lora_loads if load[0] == name]
+        if pending:  # never reached the ranks
+            self._lora_loads.remove(pending[0])
+        else:
+            self._lora_unloads.append(name)
 
     def stream(self, prompt: str, num_chunks: int | None = None, steps: int | None = None, seed: int = 0,
                height: int | None = None, width: int | None = None, kv_window: int | None = None,

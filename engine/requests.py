@@ -10,7 +10,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+import numpy as np
+
 from engine.models import ModelInfo, resolve_scheduler
+from engine.workflows import check_workflow, workflow_of
 from parallel.patch.bands import BandPlan
 from parallel.config import ConfigError, ParallelConfig, is_int
 from parallel.registry import strategy_of
@@ -30,6 +33,21 @@ class GenerateRequest:
     cfg_split: bool
     compare_serial: bool = False
     progress: bool = True
+    # Add-on workflows (engine.workflows): init image / mask, ControlNets, LoRA adapters.
+    image: np.ndarray | None = None  # (H, W, 3) uint8: img2img, or the image to inpaint
+    mask_image: np.ndarray | None = None  # (H, W) uint8: inpainting, 255 = repaint
+    strength: float | None = None
+    controlnets: tuple[str, ...] = ()
+    control_images: tuple[np.ndarray, ...] = ()
+    controlnet_scales: tuple[float, ...] = ()
+    guidance_rescale: float = 0.0
+    adapters: tuple[tuple[str, float], ...] | None = None  # None: every loaded adapter at its scale
+    lora_loads: tuple = ()  # (name, path or state dict, scale) to load before this request
+    lora_unloads: tuple[str, ...] = ()
+
+    @property
+    def workflow(self) -> str:
+        return workflow_of(self.image is not None, self.mask_image is not None)
 
 
 def _prompts(value, what: str) -> tuple[str, ...]:
@@ -59,6 +77,15 @@ def build_request(
     scheduler=None,
     compare_serial=False,
     progress=True,
+    image=None,
+    mask_image=None,
+    strength=None,
+    controlnets=(),
+    control_image=None,
+    controlnet_conditioning_scale=1.0,
+    guidance_rescale=0.0,
+    adapters=None,
+    loaded_adapters=(),
 ) -> GenerateRequest:
     parallel = parallel.validate()
     if getattr(info, "kind", "image") == "video":
@@ -70,6 +97,11 @@ def build_request(
                           f"{info.name} is an image model")
     world = parallel.world_size or 1
     prompts = _prompts(prompt, "prompt")
+    addons = check_workflow(info, strategy, image, mask_image, strength, controlnets, control_image,
+                            controlnet_conditioning_scale, guidance_rescale, adapters, loaded_adapters)
+    if addons["image"] is not None:  # the pipelines resize it to the request's size; by default its own
+        height = addons["image"].shape[0] if height is None else height
+        width = addons["image"].shape[1] if width is None else width
     height = info.native_size if height is None else _positive_int(height, "height")
     width = info.native_size if width is None else _positive_int(width, "width")
     steps = _positive_int(num_inference_steps, "num_inference_steps")
@@ -130,4 +162,5 @@ def build_request(
         cfg_split=cfg_split,
         compare_serial=bool(compare_serial),
         progress=bool(progress),
+        **addons,
     )

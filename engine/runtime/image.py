@@ -25,6 +25,8 @@ from engine.metrics import compare
 from engine.latents import spatial_latents
 from engine.models import denoiser_of, info_from_pipeline, load_pipeline, pipeline_call_kwargs, resolve_scheduler
 from engine.requests import GenerateRequest
+from engine.runtime.addons import AddOns
+from engine.workflows import call_kwargs, pipeline_for
 from parallel.patch.compiled import install_compiled
 from parallel.patch.context import PatchContext
 from parallel.patch.kernels import choose_kernel, kernel_function
@@ -138,6 +140,9 @@ class RankRuntime:
         self._default_scheduler = type(self.pipe.scheduler)
         self._check_same_weights()
         self._install_parallel_decode()
+        self.addons = AddOns(self.pipe, topo, self.stats, self.ctx, dtype)
+        self._controlnet = None  # the request's ControlNet(s), set per request
+        self._progress = dict(disable=True)  # the pipeline's progress bar, set per request
 
     def _install_parallel_decode(self) -> None:
         """With several ranks, every rank decodes a row band of the final latents, with its
@@ -172,10 +177,13 @@ class RankRuntime:
         callbacks = [c for c in (_injected_fault(self.topo.rank), _host_sync_watch(request.parallel)) if c]
         if callbacks:
             extra["callback_on_step_end"] = _chain(callbacks)
-        extra.update(pipeline_call_kwargs(self.pipe))  # e.g. PixArt: exactly the requested size
+        pipe = pipeline_for(self.pipe, request, self._controlnet, self.addons.pipelines)
+        pipe.set_progress_bar_config(**self._progress)
+        extra.update(pipeline_call_kwargs(pipe))  # e.g. PixArt: exactly the requested size
+        extra.update(call_kwargs(request))  # init image, mask, control images ...
         if request.negative_prompt:  # pipelines differ in their default (PixArt needs a string, not None)
             extra["negative_prompt"] = list(request.negative_prompt)
-        out = self.pipe(
+        out = pipe(
             prompt=list(request.prompt),
             height=request.height,
             width=request.width,
@@ -197,7 +205,9 @@ class RankRuntime:
         # against serial): meet in the store, which never times out, before any collective.
         store_barrier(self.topo, "request")
         scheduler = self._set_scheduler(request.scheduler)
-        self.pipe.set_progress_bar_config(disable=not (request.progress and rank == 0), leave=False)
+        self._progress = dict(disable=not (request.progress and rank == 0), leave=False)
+        self.addons.apply_adapters(request)
+        self._controlnet = self.addons.controlnet_for(request.controlnets)
         self.stats.reset(trace=cfg.trace_comms)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -235,17 +245,22 @@ class RankRuntime:
             if runner == "serial":
                 return self._denoise(request), None, {}
             vae = self.info.vae_scale_factor
-            self.ctx.check_installed()
-            self.ctx.begin_request(cfg, request.height // vae, request.width // vae, self.info.align, request.cfg_split)
+            contexts = [self.ctx] + self.addons.contexts(request.controlnets)
+            for ctx in contexts:
+                ctx.check_installed()
+            for ctx in contexts:
+                ctx.begin_request(cfg, request.height // vae, request.width // vae, self.info.align, request.cfg_split)
             try:
                 latents = self._denoise(request)
             except BaseException:
-                try:
-                    self.ctx.end_request()
-                except Exception:
-                    pass  # the original error is the one to report
+                for ctx in contexts:
+                    try:
+                        ctx.end_request()
+                    except Exception:
+                        pass  # the original error is the one to report
                 raise
-            self.ctx.end_request()
+            for ctx in contexts:
+                ctx.end_request()
             return latents, None, {}
         finally:
             self.ctx.use_compile(False)
@@ -369,7 +384,7 @@ class RankRuntime:
     def _compare_serial(self, request: GenerateRequest, images: np.ndarray, latents: np.ndarray) -> dict:
         """Run the same request serially on this rank (parallel layers bypassed) and compare.
         For asg the reference is the single-process run of the same algorithm."""
-        self.pipe.set_progress_bar_config(disable=True)
+        self._progress = dict(disable=True)
         self.ctx.enabled = False
         start = time.perf_counter()
         if strategy_of(request.parallel).runner == "tiles":

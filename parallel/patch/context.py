@@ -45,12 +45,13 @@ class PatchContext:
         self.step = -1
         self._exchanges: dict = {}
         self.text_tokens = 0  # text tokens in front of the image tokens (Flux single-stream blocks)
-        self._whole: tuple[torch.Tensor, torch.Tensor] | None = None  # (band, full) of the denoiser input
+        self._whole: list[tuple[torch.Tensor, torch.Tensor]] = []  # (band, full) of the denoiser's inputs
         self._weights: dict = {}
         self.step_cache: dict = {}
         self.hooks: list = []  # handles of the split/gather hooks installed for this context
         self.attention_kernel = None  # parallel.patch.kernels: None is SDPA
         self.guards: list = []  # callables raising ConfigError when an installed model was changed since
+        self.cover_new_layers = lambda: None  # swaps patch-aware layers onto modules added since the install
         # Per-step constants: layers read these, never `step` (under torch.compile a value
         # read is guarded on, and a guard on the step number would recompile every step).
         self._sync = True
@@ -132,7 +133,7 @@ class PatchContext:
         self.compile_step = self.compile_requested and self.step >= strategy.steady_from(cfg.warmup_steps, compiled=True)
 
     def end_step(self) -> None:
-        self._whole = None
+        self._whole = []
         if self.layout.patch_exchange is not None:
             self.layout.patch_exchange.flush()
 
@@ -158,11 +159,14 @@ class PatchContext:
     def hold_whole(self, band: torch.Tensor, full: torch.Tensor) -> None:
         """This step's denoiser input `band` is the row band of `full`, which this rank holds
         whole: layers reading `band` can take neighbour rows from `full` fresh, for free."""
-        self._whole = (band, full)
+        self._whole.append((band, full))
 
     def whole_of(self, x: torch.Tensor) -> torch.Tensor | None:
         """The full tensor `x` is this rank's band of, when this rank holds it whole."""
-        return self._whole[1] if self._whole is not None and x is self._whole[0] else None
+        for band, full in self._whole:
+            if x is band:
+                return full
+        return None
 
     def band_weights(self, device) -> torch.Tensor:
         """Each band's share of the pixels, as a float32 tensor on `device` (cached)."""

@@ -1,0 +1,87 @@
+"""One rank's add-on models: ControlNets and LoRA adapters, loaded when a request first
+names them and made patch-parallel like the denoiser.
+
+Every rank handles the same requests in the same order, so every rank loads the same
+add-ons at the same point (loading is collective: the weights are compared across ranks).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from comms.collectives import check_same_weights
+from engine.models.controlnets import load_controlnet
+from parallel.patch.context import PatchContext
+from parallel.patch.controlnet import parallelize_controlnet
+
+
+class AddOns:
+    def __init__(self, pipe, topo, stats, denoiser_ctx: PatchContext, dtype: torch.dtype | None):
+        self.pipe, self.topo, self.stats, self.dtype = pipe, topo, stats, dtype
+        self.denoiser_ctx = denoiser_ctx
+        self.controlnets: dict[tuple, tuple] = {}  # (spec, occurrence) -> (ControlNetModel, its PatchContext)
+        self.adapters: dict[str, float] = {}  # loaded LoRA adapters -> default scale
+        self._multi: dict[tuple, object] = {}  # specs -> MultiControlNetModel
+        self.pipelines: dict = {}  # workflow pipelines built from the base pipeline (engine.workflows)
+
+    # -- ControlNets -------------------------------------------------------------
+    @staticmethod
+    def _keys(specs: tuple[str, ...]) -> list[tuple[str, int]]:
+        """(spec, occurrence): a ControlNet named twice in one request is two instances, each
+        called once per step (its context counts steps)."""
+        return [(spec, specs[:i].count(spec)) for i, spec in enumerate(specs)]
+
+    def controlnet_for(self, specs: tuple[str, ...]):
+        """None, the ControlNetModel or a MultiControlNetModel for `specs` (loaded once)."""
+        if not specs:
+            return None
+        keys = self._keys(specs)
+        for key in keys:
+            if key not in self.controlnets:
+                self._load_controlnet(key)
+        if len(keys) == 1:
+            return self.controlnets[keys[0]][0]
+        if specs not in self._multi:
+            from diffusers import MultiControlNetModel
+
+            self._multi[specs] = MultiControlNetModel([self.controlnets[k][0] for k in keys])
+        return self._multi[specs]
+
+    def _load_controlnet(self, key: tuple[str, int]) -> None:
+        spec = key[0]
+        dtype = self.dtype or next(self.pipe.unet.parameters()).dtype
+        controlnet = load_controlnet(spec, self.topo.device, dtype)
+        if self.topo.distributed:
+            check_same_weights(f"controlnet {spec}", list(controlnet.parameters()))
+        # A context of its own: the ControlNet runs before the UNet in every step, with its
+        # own step count and stale buffers (see parallel.patch.controlnet).
+        ctx = PatchContext(self.topo, self.stats, role=f"controlnet{len(self.controlnets)}")
+        ctx.attention_kernel = self.denoiser_ctx.attention_kernel
+        parallelize_controlnet(controlnet, ctx)
+        self.controlnets[key] = (controlnet, ctx)
+
+    def contexts(self, specs: tuple[str, ...]) -> list[PatchContext]:
+        return [self.controlnets[k][1] for k in self._keys(specs)]
+
+    # -- LoRA adapters -----------------------------------------------------------
+    def apply_adapters(self, request) -> None:
+        """Unload and load what the request says, then activate its adapters."""
+        for name in request.lora_unloads:
+            if name in self.adapters:
+                self.pipe.delete_adapters(name)
+                del self.adapters[name]
+        for name, source, scale in request.lora_loads:
+            self.pipe.load_lora_weights(source, adapter_name=name)
+            self.adapters[name] = scale
+        if request.lora_loads:
+            # peft adds its own layers (a 3x3 LoRA conv is a plain Conv2d that would zero-pad
+            # at band edges): the install covers them too.
+            self.denoiser_ctx.cover_new_layers()
+        if not self.adapters:
+            return
+        active = request.adapters if request.adapters is not None else tuple(self.adapters.items())
+        if active:
+            self.pipe.set_adapters([name for name, _ in active], adapter_weights=[w for _, w in active])
+            self.pipe.enable_lora()
+        else:
+            self.pipe.disable_lora()

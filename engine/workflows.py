@@ -1,0 +1,155 @@
+"""The add-on workflows: img2img, inpainting, ControlNet and LoRA adapters, on any image strategy.
+
+Caller side, `check_workflow` validates what a request adds (before any rank starts).
+Rank side, `pipeline_for` picks the diffusers pipeline for the request's inputs, built once
+with `from_pipe` from the loaded components (the same patch-parallel denoiser, VAE and text
+encoders), and `call_kwargs` gives its extra arguments.
+"""
+
+from __future__ import annotations
+
+import math
+
+from engine.inputs import mask_array, rgb_array, to_pil
+from parallel.errors import ConfigError
+
+# Base pipeline -> the workflows this engine runs with it (diffusers has the pipeline and
+# the parallel layers cover its models). SD3/Flux ControlNets are other model classes.
+WORKFLOWS = {
+    "StableDiffusionPipeline": ("img2img", "inpaint", "controlnet"),
+    "StableDiffusionXLPipeline": ("img2img", "inpaint", "controlnet"),
+    "StableDiffusion3Pipeline": ("img2img", "inpaint"),
+    "FluxPipeline": ("img2img", "inpaint"),
+}
+
+
+def workflow_of(image: bool, mask: bool) -> str:
+    return "inpaint" if mask else "img2img" if image else "text2img"
+
+
+def _fraction(value, what: str, low_open: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not (0 < value <= 1 if low_open else 0 <= value <= 1):
+        raise ConfigError(f"{what} must be a number in {'(0, 1]' if low_open else '[0, 1]'}, got {value!r}")
+    return float(value)
+
+
+def _supports(info, what: str) -> None:
+    if what not in WORKFLOWS.get(info.pipeline, ()):
+        have = ", ".join(WORKFLOWS.get(info.pipeline, ())) or "none"
+        raise ConfigError(f"{info.name} ({info.pipeline}) does not run {what} here (it supports: {have})")
+
+
+def check_workflow(info, strategy, image, mask_image, strength, controlnets, control_image, scales,
+                   guidance_rescale, adapters, loaded_adapters) -> dict:
+    """The request's add-on fields, validated and converted (images to uint8 arrays)."""
+    out = {"image": None, "mask_image": None, "strength": None, "controlnets": (), "control_images": (),
+           "controlnet_scales": (), "guidance_rescale": _fraction(guidance_rescale, "guidance_rescale", False),
+           "adapters": None}
+    if image is not None:
+        out["image"] = rgb_array(image, "image")
+    if mask_image is not None:
+        if image is None:
+            raise ConfigError("mask_image needs image (the picture to inpaint)")
+        out["mask_image"] = mask_array(mask_image)
+    kind = workflow_of(image is not None, mask_image is not None)
+    if kind != "text2img":
+        _supports(info, kind)
+        out["strength"] = _fraction(1.0 if strength is None and kind == "inpaint" else 0.8 if strength is None
+                                    else strength, "strength")
+    elif strength is not None:
+        raise ConfigError("strength needs image (img2img or inpainting); it would be ignored")
+
+    specs = (controlnets,) if isinstance(controlnets, str) else tuple(controlnets or ())
+    images = control_image if isinstance(control_image, (list, tuple)) else () if control_image is None else (control_image,)
+    if specs or images:
+        _supports(info, "controlnet")
+        if len(specs) != len(images):
+            raise ConfigError(f"{len(specs)} ControlNet(s) but {len(images)} control image(s): give one image per ControlNet")
+        from engine.models.controlnets import check_controlnet_spec
+
+        for spec in specs:
+            check_controlnet_spec(spec)
+        scale_list = list(scales) if isinstance(scales, (list, tuple)) else [scales] * len(specs)
+        if len(scale_list) != len(specs):
+            raise ConfigError(f"{len(scale_list)} controlnet_conditioning_scale value(s) for {len(specs)} ControlNet(s)")
+        for s in scale_list:
+            if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
+                raise ConfigError(f"controlnet_conditioning_scale must be finite numbers, got {s!r}")
+        out.update(controlnets=specs, controlnet_scales=tuple(float(s) for s in scale_list),
+                   control_images=tuple(rgb_array(img, f"control_image[{i}]") for i, img in enumerate(images)))
+    if strategy.runner == "tiles" and (out["image"] is not None or specs):
+        raise ConfigError("asg generates from text only for now; use patch, patch-sync or pcpp with image or ControlNet inputs")
+
+    if adapters is not None:
+        if not isinstance(adapters, dict):
+            raise ConfigError("adapters must be a dict {name: weight}")
+        for name, weight in adapters.items():
+            if name not in loaded_adapters:
+                raise ConfigError(f"adapter {name!r} is not loaded (loaded: {', '.join(loaded_adapters) or 'none'}); "
+                                  "call engine.load_lora first")
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+                raise ConfigError(f"adapter {name!r}: weight must be a finite number, got {weight!r}")
+        out["adapters"] = tuple((name, float(w)) for name, w in adapters.items())
+    return out
+
+
+def check_lora(name, source, weight, info) -> None:
+    """A LoRA adapter the ranks can load: a named file or directory that exists, or a state dict."""
+    import os
+
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ConfigError(f"adapter name must be an identifier-like string, got {name!r}")
+    if not hasattr(info, "pipeline") or info.pipeline not in WORKFLOWS:
+        raise ConfigError(f"{getattr(info, 'name', info)}: LoRA adapters are supported on {', '.join(WORKFLOWS)}")
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+        raise ConfigError(f"adapter {name!r}: weight must be a finite number, got {weight!r}")
+    if isinstance(source, dict):
+        if not source:
+            raise ConfigError(f"adapter {name!r}: the state dict is empty")
+        return
+    if not isinstance(source, (str, os.PathLike)):
+        raise ConfigError(f"adapter {name!r}: give a path, a hub id or a state dict, got {type(source).__name__}")
+    path = os.fspath(source)
+    if not os.path.exists(path) and (path.count("/") != 1 or path.startswith((".", "/"))
+                                     or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")):
+        raise ConfigError(f"adapter {name!r}: {path} does not exist")
+
+
+def pipeline_for(pipe, request, controlnet, cache: dict):
+    """The diffusers pipeline for the request's workflow, sharing `pipe`'s components;
+    `controlnet`: None, a ControlNetModel or a MultiControlNetModel."""
+    kind = request.workflow
+    if kind == "text2img" and controlnet is None:
+        return pipe
+    key = (kind, id(controlnet))
+    if key not in cache:
+        from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
+
+        auto = {"text2img": AutoPipelineForText2Image, "img2img": AutoPipelineForImage2Image,
+                "inpaint": AutoPipelineForInpainting}[kind]
+        extra = {"controlnet": controlnet} if controlnet is not None else {}
+        cache[key] = auto.from_pipe(pipe, **extra)
+    variant = cache[key]
+    variant.scheduler = pipe.scheduler  # the request's scheduler, set on the base pipeline
+    return variant
+
+
+def call_kwargs(request) -> dict:
+    """The pipeline arguments of the request's add-ons."""
+    kwargs = {}
+    if request.image is not None:
+        kwargs.update(image=to_pil(request.image), strength=request.strength)
+    if request.mask_image is not None:
+        kwargs["mask_image"] = to_pil(request.mask_image)
+    if request.controlnets:
+        images = [to_pil(img) for img in request.control_images]
+        scales = list(request.controlnet_scales)
+        single = len(images) == 1
+        # ControlNet img2img/inpaint pipelines take the condition as control_image
+        key = "control_image" if request.image is not None else "image"
+        kwargs[key] = images[0] if single else images
+        kwargs["controlnet_conditioning_scale"] = scales[0] if single else scales
+    if request.guidance_rescale:
+        kwargs["guidance_rescale"] = request.guidance_rescale
+    return kwargs

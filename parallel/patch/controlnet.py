@@ -1,0 +1,58 @@
+"""Make a diffusers ControlNetModel patch-parallel: each rank runs the ControlNet on its own
+row band, so no rank runs a whole ControlNet.
+
+The same layer swap as the UNet (halo convs, GroupNorms, patch self-attention), with a
+context of its own: the pipeline calls the ControlNet before the UNet in every step, so the
+ControlNet's step count and stale buffers must not be the UNet's. Its pre-hook cuts the
+latent to the band (as the UNet's does) and the conditioning image to the same band at
+pixel scale; both are held whole by every rank, so the first convs take their halo rows
+from them for free. The residuals it returns are already the band's rows at every level:
+exactly what the UNet, which runs on the same band, adds them to; nothing is gathered.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from torch import nn
+
+from parallel.patch.attention import PatchSelfAttnProcessor
+from parallel.patch.context import PatchContext
+from parallel.patch.install import check_patch_aware, install_processors, swap_layers
+from parallel.patch.split import take_cfg_half
+
+# ControlNet forward arguments whose first dimension is the batch.
+_BATCHED = ("sample", "timestep", "encoder_hidden_states", "controlnet_cond", "timestep_cond", "class_labels",
+            "attention_mask")
+
+
+def parallelize_controlnet(controlnet: nn.Module, ctx: PatchContext) -> None:
+    swap_layers(controlnet.named_modules(), ctx)
+    install_processors(controlnet, lambda key, original: PatchSelfAttnProcessor(ctx, key, original))
+    ctx.guards.append(lambda: check_patch_aware(controlnet.named_modules(), ctx, controlnet))
+    signature = inspect.signature(controlnet.forward)
+    ctx.hooks.append(controlnet.register_forward_pre_hook(_make_pre_hook(ctx, signature), with_kwargs=True))
+    ctx.hooks.append(controlnet.register_forward_hook(lambda module, args, output: ctx.end_step() if ctx.enabled else None))
+
+
+def _make_pre_hook(ctx: PatchContext, signature):
+    def pre_hook(module, args, kwargs):
+        if not ctx.enabled:
+            return None
+        ctx.begin_step()
+        arguments = dict(signature.bind(*args, **kwargs).arguments)
+        if arguments.get("guess_mode"):
+            raise NotImplementedError("ControlNet guess_mode is not patch-parallel (it runs on the conditional half only)")
+        take_cfg_half(arguments, ctx.layout, arguments["sample"].shape[0], _BATCHED, nested=("added_cond_kwargs",))
+        if ctx.splits_rows:
+            plan, index = ctx.plan, ctx.index
+            lo, hi = plan.starts[index], plan.ends[index]
+            sample, cond = arguments["sample"], arguments["controlnet_cond"]
+            pixels = cond.shape[-2] // plan.height  # conditioning rows per latent row (the VAE factor)
+            arguments["sample"] = sample[:, :, lo:hi]
+            arguments["controlnet_cond"] = cond[:, :, lo * pixels : hi * pixels]
+            ctx.hold_whole(arguments["sample"], sample)
+            ctx.hold_whole(arguments["controlnet_cond"], cond)
+        return (), arguments
+
+    return pre_hook
