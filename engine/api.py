@@ -155,6 +155,9 @@ class Engine:
         controlnet_conditioning_scale=1.0,
         guidance_rescale: float = 0.0,
         adapters: dict | None = None,
+        num_images_per_prompt: int = 1,
+        cross_attention_kwargs: dict | None = None,
+        scheduler_options: dict | None = None,
     ) -> GenerateResult:
         """Generate images for `prompt` (a string or a list). `parallel` may change the
         strategy, warm-up, portion, ASG settings, CFG split ... for this request; not the world size.
@@ -166,7 +169,9 @@ class Engine:
           a list of them, with one `control_image` each and `controlnet_conditioning_scale`.
           ControlNets load on the ranks with the first request that names them.
         - `adapters`: {name: weight} of LoRA adapters loaded with `load_lora` for this request
-          (default: every loaded adapter at its load weight)."""
+          (default: every loaded adapter at its load weight).
+        - `num_images_per_prompt`, `guidance_rescale`, `cross_attention_kwargs` (e.g. a LoRA
+          scale) and `scheduler_options` (e.g. {"use_karras_sigmas": True}) as in diffusers."""
         if parallel is not None:
             if parallel.world_size not in (None, self.parallel.world_size):
                 raise ConfigError("a request cannot change the world size; make a new engine")
@@ -187,12 +192,15 @@ class Engine:
             image=image,
             mask_image=mask_image,
             strength=strength,
-            controlnets=controlnet,
+            controlnet=controlnet,
             control_image=control_image,
             controlnet_conditioning_scale=controlnet_conditioning_scale,
             guidance_rescale=guidance_rescale,
             adapters=adapters,
             loaded_adapters=tuple(self.adapters),
+            num_images_per_prompt=num_images_per_prompt,
+            cross_attention_kwargs=cross_attention_kwargs,
+            scheduler_options=scheduler_options,
         )
         with self._lock:
             self._check_no_open_stream()

@@ -41,6 +41,9 @@ class GenerateRequest:
     control_images: tuple[np.ndarray, ...] = ()
     controlnet_scales: tuple[float, ...] = ()
     guidance_rescale: float = 0.0
+    num_images_per_prompt: int = 1
+    cross_attention_kwargs: dict | None = None  # e.g. {"scale": 0.5}: LoRA strength in attention
+    scheduler_options: tuple = ()  # (name, value) pairs for the scheduler, e.g. use_karras_sigmas
     adapters: tuple[tuple[str, float], ...] | None = None  # None: every loaded adapter at its scale
     lora_loads: tuple = ()  # (name, path or state dict, scale) to load before this request
     lora_unloads: tuple[str, ...] = ()
@@ -64,6 +67,22 @@ def _positive_int(value, what: str) -> int:
     return value
 
 
+def check_scheduler_options(options, scheduler) -> tuple:
+    """Scheduler settings as (name, value) pairs; names the scheduler's constructor takes."""
+    if not options:
+        return ()
+    if not isinstance(options, dict):
+        raise ConfigError("scheduler_options must be a dict, e.g. {'use_karras_sigmas': True}")
+    if scheduler is not None:
+        import inspect
+
+        accepted = inspect.signature(resolve_scheduler(scheduler).__init__).parameters
+        unknown = [k for k in options if k not in accepted]
+        if unknown:
+            raise ConfigError(f"{scheduler} has no option {', '.join(map(repr, unknown))}")
+    return tuple(sorted(options.items()))
+
+
 def build_request(
     info: ModelInfo,
     parallel: ParallelConfig,
@@ -80,12 +99,15 @@ def build_request(
     image=None,
     mask_image=None,
     strength=None,
-    controlnets=(),
+    controlnet=(),
     control_image=None,
     controlnet_conditioning_scale=1.0,
     guidance_rescale=0.0,
     adapters=None,
     loaded_adapters=(),
+    num_images_per_prompt=1,
+    cross_attention_kwargs=None,
+    scheduler_options=None,
 ) -> GenerateRequest:
     parallel = parallel.validate()
     if getattr(info, "kind", "image") == "video":
@@ -97,7 +119,7 @@ def build_request(
                           f"{info.name} is an image model")
     world = parallel.world_size or 1
     prompts = _prompts(prompt, "prompt")
-    addons = check_workflow(info, strategy, image, mask_image, strength, controlnets, control_image,
+    addons = check_workflow(info, strategy, image, mask_image, strength, controlnet, control_image,
                             controlnet_conditioning_scale, guidance_rescale, adapters, loaded_adapters)
     if addons["image"] is not None:  # the pipelines resize it to the request's size; by default its own
         height = addons["image"].shape[0] if height is None else height
@@ -119,7 +141,14 @@ def build_request(
             raise ConfigError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
         negatives = negatives * len(prompts) if len(negatives) == 1 else negatives
     if scheduler is not None:
-        resolve_scheduler(scheduler)
+        resolve_scheduler(scheduler, info.pipeline)
+    options = check_scheduler_options(scheduler_options, scheduler)
+    per_prompt = _positive_int(num_images_per_prompt, "num_images_per_prompt")
+    if per_prompt > 1 and strategy.runner == "tiles":
+        raise ConfigError("asg makes one image per prompt; repeat the prompt in a list instead")
+    if cross_attention_kwargs is not None and (
+            not isinstance(cross_attention_kwargs, dict) or not all(isinstance(k, str) for k in cross_attention_kwargs)):
+        raise ConfigError("cross_attention_kwargs must be a dict with string keys, e.g. {'scale': 0.5}")
 
     vae = info.vae_scale_factor
     for what, size in (("height", height), ("width", width)):
@@ -162,5 +191,8 @@ def build_request(
         cfg_split=cfg_split,
         compare_serial=bool(compare_serial),
         progress=bool(progress),
+        num_images_per_prompt=per_prompt,
+        cross_attention_kwargs=dict(cross_attention_kwargs) if cross_attention_kwargs else None,
+        scheduler_options=options,
         **addons,
     )

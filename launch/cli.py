@@ -33,6 +33,42 @@ def check_launcher_arguments(args) -> None:
         raise ConfigError("--address names a Ray cluster; add --launcher ray")
 
 
+def add_workflow_arguments(parser) -> None:
+    """img2img, inpainting, ControlNet, LoRA and batch options of `generate`."""
+    group = parser.add_argument_group("workflows")
+    group.add_argument("--image", default=None, help="init image (img2img; with --mask: inpainting)")
+    group.add_argument("--mask", default=None, help="inpainting mask: white is repainted, black kept")
+    group.add_argument("--strength", type=float, default=None,
+                       help="how much of --image is re-noised, (0, 1] (default 0.8; inpainting 1.0)")
+    group.add_argument("--controlnet", action="append", default=[],
+                       help="ControlNet preset (tiny-controlnet), directory or hub id; repeat for several")
+    group.add_argument("--control-image", action="append", default=[], help="one per --controlnet, in order")
+    group.add_argument("--control-scale", action="append", type=float, default=[],
+                       help="conditioning scale per --controlnet (default 1.0)")
+    group.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
+                       help="LoRA adapter file or directory, with an optional weight; repeat for several")
+    group.add_argument("--num-images", type=int, default=1, help="images per prompt (saved as OUT-0, OUT-1 ...)")
+
+
+def lora_arguments(values) -> list[tuple[str, str, float]]:
+    """--lora PATH[:WEIGHT] values as (adapter name, path, weight)."""
+    from parallel.config import ConfigError
+
+    loras = []
+    for i, value in enumerate(values):
+        path, weight = value, 1.0
+        head, sep, tail = value.rpartition(":")
+        if sep and head:
+            try:
+                path, weight = head, float(tail)
+            except ValueError:
+                path = value  # a path with a colon in it
+        loras.append((f"lora{i}", path, weight))
+    if len({path for _, path, _ in loras}) != len(loras):
+        raise ConfigError("the same --lora is given twice")
+    return loras
+
+
 def _parser() -> argparse.ArgumentParser:
     from parallel.config import GN_MODES, STRATEGIES, ParallelConfig
 
@@ -84,6 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--report", default=None, help="write the JSON report here")
     gen.add_argument("--compare-serial", action="store_true", help="also run serially and report fidelity")
     gen.add_argument("--no-progress", action="store_true")
+    add_workflow_arguments(gen)
 
     from launch.stream_cli import add_parser as add_stream_parser
 
@@ -145,19 +182,36 @@ def generate(args) -> int:
         negative_prompt=args.negative_prompt,
         scheduler=args.scheduler,
         compare_serial=args.compare_serial,
+        image=args.image,
+        mask_image=args.mask,
+        strength=args.strength,
+        controlnet=args.controlnet,
+        control_image=args.control_image,
+        controlnet_conditioning_scale=args.control_scale or 1.0,
+        num_images_per_prompt=args.num_images,
     )
+    loras = lora_arguments(args.lora)
     info = describe_model(args.model)
-    if info is not None:
-        build_request(info, parallel, args.prompt, **request)  # bad input fails before any rank starts
+    if info is not None:  # bad input fails before any rank starts
+        from engine.workflows import check_lora
+
+        for name, path, weight in loras:
+            check_lora(name, path, weight, info)
+        build_request(info, parallel, args.prompt, **request)
     check_launcher_arguments(args)
     with Engine.from_pretrained(args.model, parallel=parallel, device=args.device, dtype=dtype,
                                 launcher=args.launcher, address=args.address) as engine:
+        for name, path, weight in loras:
+            engine.load_lora(name, path, weight)
         result = engine.generate(args.prompt, progress=not args.no_progress, **request)
     if not result.images:
         return 0  # a non-zero torchrun rank: rank 0 writes the outputs
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    result.image.save(args.out)
-    print(f"image: {os.path.abspath(args.out)}")
+    stem, ext = os.path.splitext(args.out)
+    paths = [args.out] if len(result.images) == 1 else [f"{stem}-{i}{ext}" for i in range(len(result.images))]
+    for image, path in zip(result.images, paths):
+        image.save(path)
+        print(f"image: {os.path.abspath(path)}")
     if args.report:
         print(f"report: {os.path.abspath(result.save_report(args.report))}")
     _print_summary(result.report)

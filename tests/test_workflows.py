@@ -96,3 +96,10 @@ def test_conv_lora_is_exact_and_switchable(engine, tmp_path):
     after = engine.generate("a red circle", height=64, width=64, num_inference_steps=STEPS, seed=5, parallel=SYNC,
                             progress=False)
     np.testing.assert_allclose(after.latents.numpy(), before.latents.numpy(), rtol=0, atol=1e-6)
+
+
+def test_dit_img2img_is_exact(pool, pictures):
+    """The transformer pipelines' img2img (SD3 here) through the same token-band layers."""
+    image, _, _ = pictures
+    engine = pool.parallel_engine("tiny-sd3", 2)
+    exact(engine, image=image, strength=0.7)

@@ -162,12 +162,36 @@ def save_preset(name: str, path: str) -> str:
     return path
 
 
-def resolve_scheduler(name: str):
-    """A diffusers scheduler class from its name (e.g. 'EulerDiscreteScheduler')."""
+# Pipelines whose models predict a flow (they sample with FlowMatch* schedulers only).
+FLOW_MATCH_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")
+# Samplers outside diffusers' KarrasDiffusionSchedulers list that text-to-image pipelines take.
+_OTHER_SAMPLERS = ("LCMScheduler", "TCDScheduler")
+
+
+def resolve_scheduler(name: str, pipeline: str | None = None):
+    """A diffusers sampler class from its name (e.g. 'EulerDiscreteScheduler'), checked to fit
+    `pipeline` (a pipeline class name) when given: flow-matching models take FlowMatch*
+    schedulers, the others noise-prediction samplers."""
     import diffusers
     from diffusers import SchedulerMixin
+    from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
 
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"scheduler must be a diffusers scheduler class name, got {name!r}")
     cls = getattr(diffusers, name, None)
+    if isinstance(cls, type) and type(cls).__name__ == "DummyObject":  # an optional dependency is missing
+        needs = [b for b in getattr(cls, "_backends", []) if b != "torch"]
+        raise ConfigError(f"{name} needs {' and '.join(needs)}, which is not installed (pip install {' '.join(needs)})")
     if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
         raise ConfigError(f"unknown scheduler {name!r}: expected a diffusers scheduler class name such as DDIMScheduler")
+    flow = name.startswith("FlowMatch")
+    samplers = [s.name for s in KarrasDiffusionSchedulers] + list(_OTHER_SAMPLERS)
+    if not flow and name not in samplers:
+        raise ConfigError(f"{name} is not a sampler the text-to-image pipelines take; choose e.g. "
+                          "EulerDiscreteScheduler, DPMSolverMultistepScheduler, DDIMScheduler or FlowMatchEulerDiscreteScheduler")
+    if pipeline is not None and flow != (pipeline in FLOW_MATCH_PIPELINES):
+        kind = "flow-matching" if pipeline in FLOW_MATCH_PIPELINES else "noise-prediction"
+        raise ConfigError(f"{name} does not fit {pipeline}, a {kind} model: "
+                          + ("use a FlowMatch* scheduler" if kind == "flow-matching" else "use a noise-prediction sampler "
+                             "such as EulerDiscreteScheduler"))
     return cls

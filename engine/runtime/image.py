@@ -28,6 +28,7 @@ from engine.requests import GenerateRequest
 from engine.runtime.addons import AddOns
 from engine.workflows import call_kwargs, pipeline_for
 from parallel.patch.compiled import install_compiled
+from parallel.errors import ConfigError
 from parallel.patch.context import PatchContext
 from parallel.patch.kernels import choose_kernel, kernel_function
 from parallel.registry import strategy_of
@@ -166,9 +167,18 @@ class RankRuntime:
         if self.topo.distributed:
             check_same_weights(self.model, list(self.denoiser.parameters()) + list(self.pipe.vae.parameters()))
 
-    def _set_scheduler(self, name: str | None) -> str:
+    def _set_scheduler(self, name: str | None, seed: int, options: tuple = ()) -> str:
+        import inspect
+
         cls = resolve_scheduler(name) if name else self._default_scheduler
-        self.pipe.scheduler = cls.from_config(self._scheduler_config)
+        accepted = inspect.signature(cls.__init__).parameters
+        unknown = [k for k, _ in options if k not in accepted]
+        if unknown:  # validated against the named scheduler; the model's default may differ
+            raise ConfigError(f"{cls.__name__} has no option {', '.join(map(repr, unknown))}")
+        options = dict(options)
+        if "noise_sampler_seed" in accepted:
+            options["noise_sampler_seed"] = seed  # SDE samplers: the request's noise on every rank, not the global RNG
+        self.pipe.scheduler = cls.from_config(self._scheduler_config, **options)
         return cls.__name__
 
     def _denoise(self, request: GenerateRequest) -> torch.Tensor:
@@ -181,6 +191,10 @@ class RankRuntime:
         pipe.set_progress_bar_config(**self._progress)
         extra.update(pipeline_call_kwargs(pipe))  # e.g. PixArt: exactly the requested size
         extra.update(call_kwargs(request))  # init image, mask, control images ...
+        if request.num_images_per_prompt > 1:
+            extra["num_images_per_prompt"] = request.num_images_per_prompt
+        if request.cross_attention_kwargs:
+            extra["cross_attention_kwargs"] = dict(request.cross_attention_kwargs)
         if request.negative_prompt:  # pipelines differ in their default (PixArt needs a string, not None)
             extra["negative_prompt"] = list(request.negative_prompt)
         out = pipe(
@@ -204,7 +218,7 @@ class RankRuntime:
         # Under torchrun a peer may still be busy with the last request (rank 0 comparing
         # against serial): meet in the store, which never times out, before any collective.
         store_barrier(self.topo, "request")
-        scheduler = self._set_scheduler(request.scheduler)
+        scheduler = self._set_scheduler(request.scheduler, request.seed, request.scheduler_options)
         self._progress = dict(disable=not (request.progress and rank == 0), leave=False)
         self.addons.apply_adapters(request)
         self._controlnet = self.addons.controlnet_for(request.controlnets)
