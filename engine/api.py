@@ -64,6 +64,8 @@ class Engine:
         self._respawn = None  # rebuilds a launched rank group (local or Ray)
         self._lock = threading.Lock()  # one request at a time, in arrival order
         self._open_stream = None  # the VideoStream in progress, if any
+        self.auto_restart = False  # bring a failed group back before the next request
+        self._closed = False  # closed by the caller (never auto-restarted)
 
     @classmethod
     def from_pretrained(
@@ -74,17 +76,22 @@ class Engine:
         dtype: torch.dtype | None = None,
         launcher: str = "local",
         address: str | None = None,
+        auto_restart: bool = False,
     ) -> "Engine":
         """Load `model` (preset, local directory or hub id) on every rank of the world.
 
         `launcher`: "local" (spawned processes on this machine) or "ray" (Ray actors; `address`
         names a running cluster, else RAY_ADDRESS, else a private one-node cluster is started).
-        Under torchrun, or with one rank, the launcher is not used."""
+        Under torchrun, or with one rank, the launcher is not used. `auto_restart`: after a
+        rank died or the group failed, the next request first brings the group back
+        (`restart()`); the failed request itself still raises."""
         check_model_spec(model)
         if launcher not in LAUNCHERS:
             raise ConfigError(f"unknown launcher {launcher!r}; choose one of {', '.join(LAUNCHERS)}")
         if address is not None and launcher != "ray":
             raise ConfigError("address names a Ray cluster; it needs launcher='ray'")
+        if not isinstance(auto_restart, bool):
+            raise ConfigError(f"auto_restart must be True or False, got {auto_restart!r}")
         env = groups.env_world()
         if env is not None and env[1] > 1 and launcher == "ray":
             raise ConfigError("launcher='ray' starts its own ranks; do not run it under torchrun")
@@ -123,6 +130,7 @@ class Engine:
                 return LocalLauncher(model, parallel, world, device, dtype)
         engine = cls(model, parallel, respawn(), launcher)
         engine._respawn = respawn
+        engine.auto_restart = auto_restart
         return engine
 
     @property
@@ -165,6 +173,7 @@ class Engine:
         )
         with self._lock:
             self._check_no_open_stream()
+            self._restart_if_failed()
             output = self._backend.run(request)
         if output.images is None:
             return GenerateResult(report=output.report)
@@ -202,6 +211,7 @@ class Engine:
         the iterator of (chunk, frames, seconds). One stream at a time, and no generate meanwhile."""
         with self._lock:
             self._check_no_open_stream()
+            self._restart_if_failed()
             self._open_stream = stream
         return self._backend.stream(stream.request)
 
@@ -216,6 +226,12 @@ class Engine:
             raise RuntimeError("a stream is still open on this engine: exhaust it or call stream.close() "
                                "(or use `with engine.stream(...) as stream:`) before the next request")
 
+    def _restart_if_failed(self) -> None:
+        """With auto_restart, a group that failed (a rank died, or an error took it down) is
+        brought back before the next request. Called with the lock held."""
+        if self.auto_restart and self._respawn is not None and self._backend.closed and not self._closed:
+            self._backend = self._respawn()
+
     def restart(self) -> None:
         """Bring a failed rank group back: new local processes or Ray actors (a torchrun job
         restarts through torchrun)."""
@@ -226,6 +242,7 @@ class Engine:
             self._backend = self._respawn()
 
     def close(self) -> None:
+        self._closed = True
         self._backend.close()
 
     def __enter__(self) -> "Engine":

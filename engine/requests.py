@@ -12,8 +12,11 @@ from dataclasses import dataclass, replace
 
 from engine.models import ModelInfo, resolve_scheduler
 from parallel.patch.bands import BandPlan
-from parallel.config import ConfigError, ParallelConfig, is_int
+from parallel.config import ConfigError, ParallelConfig, is_int, is_number
 from parallel.registry import strategy_of
+
+
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
 
 
 @dataclass(frozen=True)
@@ -73,10 +76,10 @@ def build_request(
     height = info.native_size if height is None else _positive_int(height, "height")
     width = info.native_size if width is None else _positive_int(width, "width")
     steps = _positive_int(num_inference_steps, "num_inference_steps")
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
+    if not is_number(guidance_scale) or not 0 <= guidance_scale < math.inf:
         raise ConfigError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
-    if not is_int(seed) or seed < 0:
-        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
+    if not is_int(seed) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"seed must be an integer in 0..2**64-1 (the generator's range), got {seed!r}")
     guided = guidance_scale > 1.0 and info.does_cfg  # when the pipeline batches uncond + cond
     negatives = None
     if negative_prompt is not None:

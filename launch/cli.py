@@ -16,6 +16,7 @@ import os
 import sys
 
 DEFAULT_MODEL = "shapes-sd"  # the trained preset shipped in engine/models/weights/
+INTERRUPTED_EXIT = 130  # the shell's code for a command ended by SIGINT
 
 
 def add_launcher_arguments(parser) -> None:
@@ -192,7 +193,7 @@ def main(argv=None) -> int:
             print(f"tessera: error: {exc}", file=sys.stderr)
             return 2
     args = _parser().parse_args(argv)
-    from launch.worker import RankFailedError
+    from launch.worker import RankFailedError, RequestFailedError
     from parallel.config import ConfigError
 
     try:
@@ -209,11 +210,14 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"tessera: error: {exc}", file=sys.stderr)
         return 2
-    except RankFailedError as exc:
+    except (RankFailedError, RequestFailedError) as exc:
         print(f"tessera: error: {exc}", file=sys.stderr)
         if exc.details:
             print(exc.details, file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the launcher has already stopped the ranks
+        print("tessera: interrupted", file=sys.stderr)
+        return INTERRUPTED_EXIT
 
 
 if __name__ == "__main__":

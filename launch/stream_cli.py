@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 
-from launch.cli import add_launcher_arguments, check_launcher_arguments
+from launch.cli import INTERRUPTED_EXIT, add_launcher_arguments, check_launcher_arguments
 
 DEFAULT_VIDEO_MODEL = "tiny-causal-video"
 
@@ -141,8 +141,11 @@ def stream_command(args) -> int:
             report = stream.report
     finally:
         writer.close()  # what was streamed is kept, whatever ended the stream
+    done = INTERRUPTED_EXIT if interrupted else 0
+    if interrupted:
+        print("tessera: interrupted", file=sys.stderr)
     if report is None:
-        return 0
+        return done
     if kept is not None and interrupted:
         print("interrupted: no comparison with the serial stream", file=sys.stderr)
     elif kept is not None:
@@ -157,7 +160,7 @@ def stream_command(args) -> int:
                   serial_stage_bound_fps=ser["stage_bound_fps"])
         report["vs_serial"] = vs
     if report["frames"] == 0 and not kept:
-        return 0  # a torchrun rank that does not decode
+        return done  # a torchrun rank that does not decode
     print(f"video: {os.path.abspath(args.out)} ({writer.count} frames)")
     if args.report:
         os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)
@@ -165,7 +168,7 @@ def stream_command(args) -> int:
             json.dump(json_safe(report), f, indent=2)
         print(f"report: {os.path.abspath(args.report)}")
     print_stream_summary(report)
-    return 0
+    return done
 
 
 def _fmt(value, spec: str) -> str:

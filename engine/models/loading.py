@@ -167,7 +167,10 @@ def resolve_scheduler(name: str):
     import diffusers
     from diffusers import SchedulerMixin
 
-    cls = getattr(diffusers, name, None)
+    cls = getattr(diffusers, name, None) if isinstance(name, str) else None
     if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
         raise ConfigError(f"unknown scheduler {name!r}: expected a diffusers scheduler class name such as DDIMScheduler")
+    if not all(callable(getattr(cls, method, None)) for method in ("set_timesteps", "step")):
+        raise ConfigError(f"scheduler {name!r} is not a sampler a pipeline can step (it lacks set_timesteps/step); "
+                          "use e.g. DDIMScheduler or EulerDiscreteScheduler")
     return cls

@@ -85,9 +85,9 @@ def _chain(callbacks):
     return callback
 
 
-def _injected_fault(rank: int):
+def _injected_fault(rank: int, prompt: str):
     """The pipeline callback of the testing hook in engine.faults (None when not armed)."""
-    at_step = injected_fault_step(rank)
+    at_step = injected_fault_step(rank, prompt)
     if at_step is None:
         return None
 
@@ -163,7 +163,7 @@ class RankRuntime:
     def _denoise(self, request: GenerateRequest) -> torch.Tensor:
         generator = torch.Generator(device="cpu").manual_seed(request.seed)
         extra = {}
-        callbacks = [c for c in (_injected_fault(self.topo.rank), _host_sync_watch(request.parallel)) if c]
+        callbacks = [c for c in (_injected_fault(self.topo.rank, request.prompt[0]), _host_sync_watch(request.parallel)) if c]
         if callbacks:
             extra["callback_on_step_end"] = _chain(callbacks)
         extra.update(pipeline_call_kwargs(self.pipe))  # e.g. PixArt: exactly the requested size
