@@ -57,6 +57,17 @@ def serve_stream(runtime, request, rank, results, stop, consumed) -> None:
     results.put(("ok", rank, runtime.last_report))
 
 
+def _thread_lock_for_progress_bars() -> None:
+    """tqdm's default lock is a multiprocessing semaphore registered with the parent's
+    resource tracker; a rank that is terminated never releases it, and the parent then
+    warns of leaked semaphores at exit. A rank's bars need only a thread lock."""
+    import threading
+
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
+
+
 def worker_main(rank, world_size, store_port, model, parallel, device, dtype, requests, results, control=None):
     """Entry point of a spawned rank. Talks to the parent only through two queues (and, for
     streams, a stop event and a consumed-chunks counter in `control`)."""
@@ -74,6 +85,7 @@ def worker_main(rank, world_size, store_port, model, parallel, device, dtype, re
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops the ranks
+    _thread_lock_for_progress_bars()
     watch = None
     try:
         configure_threads(parallel.threads_per_rank, world_size)
