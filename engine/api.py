@@ -182,7 +182,7 @@ class Engine:
         report = dict(output.report, launch=self.launch)
         return GenerateResult(
             images=[Image.fromarray(np.ascontiguousarray(img)) for img in output.images],
-            latents=torch.from_numpy(output.latents),
+            latents=torch.from_numpy(np.require(output.latents, requirements="W")),  # Ray hands back read-only arrays
             report=report,
         )
 
