@@ -8,6 +8,7 @@ before any collective, and never hangs.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, replace
 
 from engine.models import ModelInfo, resolve_scheduler
@@ -108,6 +109,10 @@ def build_request(
         from parallel.asg import asg_plan
 
         asg_plan(info, parallel, height, width, steps)  # raises on bad geometry
+
+    if strategy.stale and world > 1 and parallel.warmup_steps >= steps:
+        warnings.warn(f"warmup_steps={parallel.warmup_steps} covers all {steps} steps: every exchange is fresh, "
+                      f"so this {parallel.strategy} run is exact (as patch-sync)", stacklevel=2)
 
     cfg_split = parallel.cfg_split
     if cfg_split is True:

@@ -34,6 +34,13 @@ def check_launcher_arguments(args) -> None:
         raise ConfigError("--address names a Ray cluster; add --launcher ray")
 
 
+def check_nproc(nproc) -> None:
+    from parallel.config import ConfigError
+
+    if nproc is not None and nproc < 1:
+        raise ConfigError(f"--nproc must be at least 1, got {nproc}")
+
+
 def _parser() -> argparse.ArgumentParser:
     from parallel.config import GN_MODES, STRATEGIES, ParallelConfig
 
@@ -81,8 +88,11 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default=None, help="cpu or cuda (default: the rank's local GPU if any)")
     gen.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None)
     gen.add_argument("--timeout", type=float, default=ParallelConfig.comm_timeout_s, help="seconds any collective may take")
-    gen.add_argument("--out", default="outputs/image.png")
-    gen.add_argument("--report", default=None, help="write the JSON report here")
+    gen.add_argument("--out", default="outputs/image.png", help=".png, .jpg or .webp")
+    gen.add_argument("--report", default=None, help="write the JSON report here (.json)")
+    gen.add_argument("--memory-limit-gb", type=float, default=None,
+                     help="refuse requests whose estimated memory per rank is above this (default: this machine's "
+                          "memory per rank; inf: no bound)")
     gen.add_argument("--compare-serial", action="store_true", help="also run serially and report fidelity")
     gen.add_argument("--no-progress", action="store_true")
 
@@ -101,6 +111,7 @@ def _world(args) -> int:
     from comms.groups import env_world
     from parallel.config import ConfigError
 
+    check_nproc(args.nproc)
     env = env_world()
     if env is not None and env[1] > 1:
         if args.nproc not in (None, env[1]):
@@ -113,7 +124,10 @@ def generate(args) -> int:
     import torch
 
     from engine import Engine, ParallelConfig
+    from engine.api import check_device
+    from engine.budget import check_request_memory
     from engine.models import describe_model
+    from launch.outputs import IMAGE_FORMATS, REPORT_FORMATS, check_output_path
     from engine.requests import build_request
     from parallel.config import ConfigError
     from parallel.registry import default_strategy
@@ -147,13 +161,20 @@ def generate(args) -> int:
         scheduler=args.scheduler,
         compare_serial=args.compare_serial,
     )
+    check_output_path(args.out, IMAGE_FORMATS, "--out")
+    if args.report:
+        check_output_path(args.report, REPORT_FORMATS, "--report")
     info = describe_model(args.model)
-    if info is not None:
-        build_request(info, parallel, args.prompt, **request)  # bad input fails before any rank starts
+    if info is not None:  # bad input fails before any rank starts
+        checked = build_request(info, parallel, args.prompt, **request)
+        local = args.launcher == "local"
+        device_type = check_device(args.device, world, local_ranks=None if local else 1, cluster=not local)
+        check_request_memory(info, checked, world if local else 1, device_type, args.memory_limit_gb)
     check_launcher_arguments(args)
     with Engine.from_pretrained(args.model, parallel=parallel, device=args.device, dtype=dtype,
                                 launcher=args.launcher, address=args.address) as engine:
-        result = engine.generate(args.prompt, progress=not args.no_progress, **request)
+        result = engine.generate(args.prompt, progress=not args.no_progress, memory_limit_gb=args.memory_limit_gb,
+                                 **request)
     if not result.images:
         return 0  # a non-zero torchrun rank: rank 0 writes the outputs
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -16,7 +16,8 @@ import sys
 
 import numpy as np
 
-from launch.cli import INTERRUPTED_EXIT, add_launcher_arguments, check_launcher_arguments
+from launch.outputs import REPORT_FORMATS, VIDEO_FORMATS, check_output_path
+from launch.cli import INTERRUPTED_EXIT, add_launcher_arguments, check_launcher_arguments, check_nproc
 
 DEFAULT_VIDEO_MODEL = "tiny-causal-video"
 
@@ -106,6 +107,9 @@ def stream_command(args) -> int:
     if args.compare_serial and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("--compare-serial runs the one-rank stream in this process; use --nproc, not torchrun")
     check_launcher_arguments(args)
+    check_nproc(args.nproc)
+    if not args.endless and args.chunks < 1:  # before the model is built to validate the rest
+        raise ConfigError(f"num_chunks must be a positive integer (or --endless), got {args.chunks}")
     chunks = None if args.endless else args.chunks
     launched = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun every rank runs this command
     world = args.nproc or (launched if launched > 1 else None)
@@ -120,6 +124,9 @@ def stream_command(args) -> int:
     if not is_video_model(args.model):
         raise ConfigError(f"{args.model} is not a causal video model; tessera stream needs one (e.g. tiny-causal-video)")
     # bad input fails here, before any rank starts
+    check_output_path(args.out, VIDEO_FORMATS, "--out", folder=True)
+    if args.report:
+        check_output_path(args.report, REPORT_FORMATS, "--report")
     build_stream_request(describe_video(args.model), parallel.strategy, parallel.world_size or 1, args.prompt,
                          **request)
     writer = FrameWriter(args.out, args.fps)
