@@ -187,6 +187,10 @@ def generate(args) -> int:
 
 
 def _print_summary(report: dict) -> None:
+    if "prompt_truncated" in report:
+        cut = report["prompt_truncated"]
+        print(f"tessera: warning: the prompt has {cut['tokens']} tokens; the text encoder kept the first {cut['kept']}",
+              file=sys.stderr)
     print(
         f"{report['strategy']} on {report['world_size']} rank(s), {report['height']}x{report['width']}, "
         f"{report['steps']} steps: {report['latency_s']:.2f} s"

@@ -161,3 +161,9 @@ def test_a_request_cannot_change_what_the_engine_fixed(pool):
         with pytest.raises(ConfigError, match="a request cannot change"):
             engine.generate("x", height=64, width=64, num_inference_steps=1, progress=False,
                             parallel=ParallelConfig(strategy="none", **fields))
+
+
+def test_an_over_long_prompt_is_reported_as_truncated(pool):
+    report = pool.serial_engine("tiny-sd").generate("red " * 200, height=64, width=64, num_inference_steps=1,
+                                                    progress=False).report
+    assert report["prompt_truncated"]["tokens"] > report["prompt_truncated"]["kept"] == 77

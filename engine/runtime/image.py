@@ -299,10 +299,23 @@ class RankRuntime:
         }
         if asg_report is not None:
             report["asg"] = asg_report
+        truncated = self._truncated_prompt(request)
+        if truncated:
+            report["prompt_truncated"] = truncated
         latents_np = latents.float().cpu().numpy()
         if request.compare_serial:
             report["vs_serial"] = self._compare_serial(request, images, latents_np)
         return RankOutput(images, latents_np, report)
+
+    def _truncated_prompt(self, request: GenerateRequest) -> dict | None:
+        """{tokens, kept} when the (first) text encoder cuts a prompt to its length, else None:
+        the pipeline truncates silently."""
+        tokenizer = getattr(self.pipe, "tokenizer", None)
+        if tokenizer is None:
+            return None
+        limit = tokenizer.model_max_length
+        longest = max(len(tokenizer(p).input_ids) for p in request.prompt)
+        return {"tokens": longest, "kept": limit} if longest > limit else None
 
     def _denoise_asg(self, request: GenerateRequest, reference: bool = False) -> tuple[torch.Tensor, dict, dict]:
         """ASG: over the ranks (tiles on ranks 0..N-2, the branch on N-1), or with
