@@ -139,18 +139,23 @@ class LocalLauncher:
         errors = {rank: (kind, payload)}
         end = time.monotonic() + AGREE_S
         while len(errors) < self.world_size and time.monotonic() < end and not self._unexplained_deaths(errors):
-            try:
-                msg_kind, r, msg = self._results.get(timeout=0.05)
-            except queue.Empty:
-                continue
-            if msg_kind in ("error", "request_error"):
-                errors[r] = (msg_kind, msg)
-            elif msg_kind == "ok":
+            if self._take_error(errors, 0.05) == "ok":
                 break  # another rank finished the request: the ranks disagree
         points = {msg[2] if k == "request_error" else None for k, msg in errors.values()}
         if len(errors) == self.world_size and len(points) == 1 and None not in points:
             raise RequestFailedError(f"the request failed on every rank: {payload[0]}", errors[min(errors)][1][1])
         self._fail(*self._root_cause(errors))
+
+    def _take_error(self, errors: dict, timeout_s: float) -> str | None:
+        """The kind of the next message within `timeout_s` (None: none came); an error is
+        recorded in `errors` under its rank."""
+        try:
+            kind, rank, payload = self._results.get(timeout=timeout_s)
+        except queue.Empty:
+            return None
+        if kind in ("error", "request_error"):
+            errors[rank] = (kind, payload)
+        return kind
 
     def _unexplained_deaths(self, errors: dict) -> dict:
         """Dead ranks that sent no error and did not stop because of a peer: the cause."""
@@ -163,12 +168,7 @@ class LocalLauncher:
         only ranks that stopped for a peer, the peer's message may still be in flight."""
         end = time.monotonic() + DEATH_GRACE_S
         while not errors and not self._unexplained_deaths(errors) and time.monotonic() < end:
-            try:
-                kind, r, msg = self._results.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if kind in ("error", "request_error"):
-                errors[r] = (kind, msg)
+            self._take_error(errors, 0.1)
         died = self._unexplained_deaths(errors)
         if died:
             return "; ".join(f"rank {r} {_exit_description(c)}" for r, c in sorted(died.items())), ""
