@@ -15,22 +15,15 @@ interpreter exit aborts the process.
 from __future__ import annotations
 
 import atexit
-import datetime
 import os
 import sys
 import threading
 
-import torch.distributed as dist
+from comms.groups import client_store
 
 FAILED_KEY = "tessera/failed"
 EXIT_CODE = 3
 POLL_S = 0.2
-
-
-def _client(addr: str, port: int, timeout_s: float):
-    return dist.TCPStore(
-        addr, port, is_master=False, timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False
-    )
 
 
 class FailureWatch:
@@ -53,7 +46,7 @@ class FailureWatch:
 
     def _watch(self) -> None:
         try:
-            store = _client(self.addr, self.port, timeout_s=30)
+            store = client_store(self.addr, self.port, timeout_s=30)
             while not store.check([FAILED_KEY]):
                 if self._stop.wait(POLL_S):
                     return
@@ -72,7 +65,7 @@ class FailureWatch:
         """Publish this rank's failure so every peer stops (best effort, never raises)."""
         message = f"rank {self.rank}: {type(exc).__name__}: {exc}".splitlines()[0][:2000]
         try:
-            _client(self.addr, self.port, timeout_s=5).set(FAILED_KEY, message)
+            client_store(self.addr, self.port, timeout_s=5).set(FAILED_KEY, message)
         except Exception:
             pass
 

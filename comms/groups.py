@@ -26,6 +26,44 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def listening_store(host: str, timeout_s: float):
+    """A rendezvous store server that listens on `host` only, on a free port (`.port`).
+    TCPStore binds the wildcard whatever host it is given, so the listening socket is bound
+    here and handed over (torch.distributed has no authentication: never listen wider than
+    the deployment needs)."""
+    family = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0][0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.bind((host, 0))
+        sock.listen(128)
+        port = sock.getsockname()[1]
+    except BaseException:
+        sock.close()
+        raise
+    return dist.TCPStore(host, port, None, is_master=True, timeout=datetime.timedelta(seconds=timeout_s),
+                         wait_for_workers=False, master_listen_fd=sock.detach())  # the store owns the socket now
+
+
+def client_store(host: str, port: int, timeout_s: float):
+    """A client of the rendezvous store at host:port."""
+    return dist.TCPStore(host, port, None, is_master=False, timeout=datetime.timedelta(seconds=timeout_s),
+                         wait_for_workers=False)
+
+
+def loopback_interface() -> str:
+    """The name of the loopback network interface ("lo" on Linux, "lo0" elsewhere)."""
+    names = [name for _, name in socket.if_nameindex()]
+    return "lo" if "lo" in names else next((n for n in names if n.startswith("lo")), "lo")
+
+
+def pin_to_loopback(env) -> None:
+    """Single-machine runs: gloo and NCCL listen and connect on the loopback interface only
+    (otherwise gloo binds whatever address the host name resolves to)."""
+    lo = loopback_interface()
+    env["GLOO_SOCKET_IFNAME"] = lo
+    env["NCCL_SOCKET_IFNAME"] = lo
+
+
 def env_world() -> tuple[int, int, int] | None:
     """(rank, world_size, local_rank) when launched by torchrun or a spawner, else None."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:

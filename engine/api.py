@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from dataclasses import replace
 
 import numpy as np
 import torch
 
 from comms import groups
+from engine.budget import check_request_memory
 from engine.models import check_model_spec
 from engine.requests import build_request
 from engine.workflows import check_lora
@@ -34,15 +36,29 @@ from parallel.config import ConfigError, ParallelConfig
 from parallel.registry import default_strategy, strategy_of, video_strategies
 
 
-def _check_device(device, world: int, local_ranks: int | None, cluster: bool = False) -> None:
+DEVICE_TYPES = ("cpu", "cuda")
+# Fixed for the engine's life: the ranks' communicators and threads are set up with them.
+ENGINE_FIELDS = ("world_size", "comm_timeout_s", "threads_per_rank")
+
+
+def check_device(device, world: int, local_ranks: int | None, cluster: bool = False) -> str:
     """Devices are chosen per rank from its local rank; refuse what cannot work. On a Ray
-    cluster the GPUs are counted by the launcher, not on the driver's machine."""
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cluster the GPUs are counted by the launcher, not on the driver's machine. Returns the
+    device type the ranks compute on."""
+    try:
+        dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in DEVICE_TYPES:
+        raise ConfigError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
+    if dev.type == "cpu" and local_ranks is None and world > (os.cpu_count() or 1):
+        warnings.warn(f"{world} ranks on {os.cpu_count()} CPU cores: ranks will wait for each other's cores "
+                      "(slower than fewer ranks)", stacklevel=3)
     if dev.type == "cuda":
         if cluster:
             if dev.index is not None and world > 1:
                 raise ConfigError(f"device {device!r} names one GPU for {world} ranks; pass 'cuda'")
-            return
+            return dev.type
         if not torch.cuda.is_available():
             raise ConfigError(f"device {device!r} was asked for, but CUDA is not available on this machine")
         if dev.index is not None and world > 1:
@@ -50,6 +66,7 @@ def _check_device(device, world: int, local_ranks: int | None, cluster: bool = F
         spawned = world if local_ranks is None else int(os.environ.get("LOCAL_WORLD_SIZE", local_ranks))
         if spawned > torch.cuda.device_count():
             raise ConfigError(f"{spawned} local ranks but only {torch.cuda.device_count()} GPUs on this machine")
+    return dev.type
 
 
 LAUNCHERS = ("local", "ray")
@@ -69,6 +86,10 @@ class Engine:
         self.adapters: dict[str, float] = {}  # name -> default weight, as the ranks will have them
         self._lora_loads: list = []
         self._lora_unloads: list = []
+        self.auto_restart = False  # bring a failed group back before the next request
+        self._closed = False  # closed by the caller (never auto-restarted)
+        self.device_type = "cpu"  # what the ranks compute on, for the memory bound
+        self.local_ranks = 1  # ranks sharing this machine's memory (the local launcher: all)
 
     @classmethod
     def from_pretrained(
@@ -79,17 +100,22 @@ class Engine:
         dtype: torch.dtype | None = None,
         launcher: str = "local",
         address: str | None = None,
+        auto_restart: bool = False,
     ) -> "Engine":
         """Load `model` (preset, local directory or hub id) on every rank of the world.
 
         `launcher`: "local" (spawned processes on this machine) or "ray" (Ray actors; `address`
         names a running cluster, else RAY_ADDRESS, else a private one-node cluster is started).
-        Under torchrun, or with one rank, the launcher is not used."""
+        Under torchrun, or with one rank, the launcher is not used. `auto_restart`: after a
+        rank died or the group failed, the next request first brings the group back
+        (`restart()`); the failed request itself still raises."""
         check_model_spec(model)
         if launcher not in LAUNCHERS:
             raise ConfigError(f"unknown launcher {launcher!r}; choose one of {', '.join(LAUNCHERS)}")
         if address is not None and launcher != "ray":
             raise ConfigError("address names a Ray cluster; it needs launcher='ray'")
+        if not isinstance(auto_restart, bool):
+            raise ConfigError(f"auto_restart must be True or False, got {auto_restart!r}")
         env = groups.env_world()
         if env is not None and env[1] > 1 and launcher == "ray":
             raise ConfigError("launcher='ray' starts its own ranks; do not run it under torchrun")
@@ -104,18 +130,22 @@ class Engine:
             raise ConfigError(f"{model} is a streaming video model: use strategy {video_strategies()}, "
                               f"not {parallel.strategy!r}")
         ray = launcher == "ray"
-        _check_device(device, env[1] if env else parallel.world_size or 1,
-                      local_ranks=1 if env or ray else None, cluster=ray)
+        device_type = check_device(device, env[1] if env else parallel.world_size or 1,
+                                    local_ranks=1 if env or ray else None, cluster=ray)
         if env is not None and env[1] > 1:
             rank, world, local_rank = env
             if parallel.world_size not in (None, world):
                 raise ConfigError(f"world_size={parallel.world_size} but torchrun started {world} ranks")
             parallel = replace(parallel, world_size=world)
-            return cls(model, parallel, InProcess(model, parallel, rank, world, local_rank, device, dtype), "torchrun")
+            engine = cls(model, parallel, InProcess(model, parallel, rank, world, local_rank, device, dtype), "torchrun")
+            engine.device_type, engine.local_ranks = device_type, int(os.environ.get("LOCAL_WORLD_SIZE", world))
+            return engine
         world = parallel.world_size or 1
         parallel = replace(parallel, world_size=world)
         if world == 1:
-            return cls(model, parallel, InProcess(model, parallel, 0, 1, 0, device, dtype), "serial")
+            engine = cls(model, parallel, InProcess(model, parallel, 0, 1, 0, device, dtype), "serial")
+            engine.device_type = device_type
+            return engine
         if ray:
             from launch.ray_launcher import RayLauncher
 
@@ -128,6 +158,8 @@ class Engine:
                 return LocalLauncher(model, parallel, world, device, dtype)
         engine = cls(model, parallel, respawn(), launcher)
         engine._respawn = respawn
+        engine.auto_restart = auto_restart
+        engine.device_type, engine.local_ranks = device_type, 1 if ray else world
         return engine
 
     @property
@@ -158,9 +190,13 @@ class Engine:
         num_images_per_prompt: int = 1,
         cross_attention_kwargs: dict | None = None,
         scheduler_options: dict | None = None,
+        memory_limit_gb: float | None = None,
     ) -> GenerateResult:
         """Generate images for `prompt` (a string or a list). `parallel` may change the
-        strategy, warm-up, portion, ASG settings, CFG split ... for this request; not the world size.
+        strategy, warm-up, portion, ASG settings, CFG split ... for this request; not the world
+        size, timeout or threads. A request whose estimated memory per rank exceeds
+        `memory_limit_gb` (None: this machine's memory per rank; math.inf: no bound) is refused
+        before any rank works (engine/budget.py).
 
         Add-ons (SD 1.x / SDXL; img2img and inpainting also SD3 and Flux):
         - `image` (PIL image, uint8 array or path) with `strength`: img2img; with `mask_image`
@@ -173,9 +209,14 @@ class Engine:
         - `num_images_per_prompt`, `guidance_rescale`, `cross_attention_kwargs` (e.g. a LoRA
           scale) and `scheduler_options` (e.g. {"use_karras_sigmas": True}) as in diffusers."""
         if parallel is not None:
-            if parallel.world_size not in (None, self.parallel.world_size):
-                raise ConfigError("a request cannot change the world size; make a new engine")
-            parallel = replace(parallel, world_size=self.parallel.world_size)
+            fixed = {}
+            for name in ENGINE_FIELDS:  # left at its default: the engine's; set otherwise: refused
+                value, engine_value = getattr(parallel, name), getattr(self.parallel, name)
+                if value not in (engine_value, getattr(ParallelConfig, name)):
+                    raise ConfigError(f"a request cannot change {name} (this engine's is {engine_value!r}); "
+                                      "make a new engine with it")
+                fixed[name] = engine_value
+            parallel = replace(parallel, **fixed)
         request = build_request(
             self.info,
             parallel or self.parallel,
@@ -202,8 +243,10 @@ class Engine:
             cross_attention_kwargs=cross_attention_kwargs,
             scheduler_options=scheduler_options,
         )
+        check_request_memory(self.info, request, self.local_ranks, self.device_type, memory_limit_gb)
         with self._lock:
             self._check_no_open_stream()
+            self._restart_if_failed()
             request = replace(request, lora_loads=tuple(self._lora_loads), lora_unloads=tuple(self._lora_unloads))
             output = self._backend.run(request)
             self._lora_loads, self._lora_unloads = [], []  # the ranks have them now
@@ -214,7 +257,7 @@ class Engine:
         report = dict(output.report, launch=self.launch)
         return GenerateResult(
             images=[Image.fromarray(np.ascontiguousarray(img)) for img in output.images],
-            latents=torch.from_numpy(output.latents),
+            latents=torch.from_numpy(np.require(output.latents, requirements="W")),  # Ray hands back read-only arrays
             report=report,
         )
 
@@ -264,6 +307,7 @@ class Engine:
         the iterator of (chunk, frames, seconds). One stream at a time, and no generate meanwhile."""
         with self._lock:
             self._check_no_open_stream()
+            self._restart_if_failed()
             self._open_stream = stream
         return self._backend.stream(stream.request)
 
@@ -278,6 +322,12 @@ class Engine:
             raise RuntimeError("a stream is still open on this engine: exhaust it or call stream.close() "
                                "(or use `with engine.stream(...) as stream:`) before the next request")
 
+    def _restart_if_failed(self) -> None:
+        """With auto_restart, a group that failed (a rank died, or an error took it down) is
+        brought back before the next request. Called with the lock held."""
+        if self.auto_restart and self._respawn is not None and self._backend.closed and not self._closed:
+            self._backend = self._respawn()
+
     def restart(self) -> None:
         """Bring a failed rank group back: new local processes or Ray actors (a torchrun job
         restarts through torchrun)."""
@@ -288,6 +338,7 @@ class Engine:
             self._backend = self._respawn()
 
     def close(self) -> None:
+        self._closed = True
         self._backend.close()
 
     def __enter__(self) -> "Engine":

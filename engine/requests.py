@@ -8,6 +8,7 @@ before any collective, and never hangs.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -15,8 +16,11 @@ import numpy as np
 from engine.models import ModelInfo, resolve_scheduler
 from engine.workflows import check_workflow, workflow_of
 from parallel.patch.bands import BandPlan
-from parallel.config import ConfigError, ParallelConfig, is_int
+from parallel.config import ConfigError, ParallelConfig, is_int, is_number
 from parallel.registry import strategy_of
+
+
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
 
 
 @dataclass(frozen=True)
@@ -127,10 +131,10 @@ def build_request(
     height = info.native_size if height is None else _positive_int(height, "height")
     width = info.native_size if width is None else _positive_int(width, "width")
     steps = _positive_int(num_inference_steps, "num_inference_steps")
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
+    if not is_number(guidance_scale) or not 0 <= guidance_scale < math.inf:
         raise ConfigError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
-    if not is_int(seed) or seed < 0:
-        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
+    if not is_int(seed) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"seed must be an integer in 0..2**64-1 (the generator's range), got {seed!r}")
     guided = guidance_scale > 1.0 and info.does_cfg  # when the pipeline batches uncond + cond
     negatives = None
     if negative_prompt is not None:
@@ -166,6 +170,10 @@ def build_request(
         from parallel.asg import asg_plan
 
         asg_plan(info, parallel, height, width, steps)  # raises on bad geometry
+
+    if strategy.stale and world > 1 and parallel.warmup_steps >= steps:
+        warnings.warn(f"warmup_steps={parallel.warmup_steps} covers all {steps} steps: every exchange is fresh, "
+                      f"so this {parallel.strategy} run is exact (as patch-sync)", stacklevel=2)
 
     cfg_split = parallel.cfg_split
     if cfg_split is True:

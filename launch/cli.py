@@ -16,6 +16,7 @@ import os
 import sys
 
 DEFAULT_MODEL = "shapes-sd"  # the trained preset shipped in engine/models/weights/
+INTERRUPTED_EXIT = 130  # the shell's code for a command ended by SIGINT
 
 
 def add_launcher_arguments(parser) -> None:
@@ -69,6 +70,13 @@ def lora_arguments(values) -> list[tuple[str, str, float]]:
     return loras
 
 
+def check_nproc(nproc) -> None:
+    from parallel.config import ConfigError
+
+    if nproc is not None and nproc < 1:
+        raise ConfigError(f"--nproc must be at least 1, got {nproc}")
+
+
 def _parser() -> argparse.ArgumentParser:
     from parallel.config import GN_MODES, STRATEGIES, ParallelConfig
 
@@ -116,8 +124,11 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default=None, help="cpu or cuda (default: the rank's local GPU if any)")
     gen.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None)
     gen.add_argument("--timeout", type=float, default=ParallelConfig.comm_timeout_s, help="seconds any collective may take")
-    gen.add_argument("--out", default="outputs/image.png")
-    gen.add_argument("--report", default=None, help="write the JSON report here")
+    gen.add_argument("--out", default="outputs/image.png", help=".png, .jpg or .webp")
+    gen.add_argument("--report", default=None, help="write the JSON report here (.json)")
+    gen.add_argument("--memory-limit-gb", type=float, default=None,
+                     help="refuse requests whose estimated memory per rank is above this (default: this machine's "
+                          "memory per rank; inf: no bound)")
     gen.add_argument("--compare-serial", action="store_true", help="also run serially and report fidelity")
     gen.add_argument("--no-progress", action="store_true")
     add_workflow_arguments(gen)
@@ -137,6 +148,7 @@ def _world(args) -> int:
     from comms.groups import env_world
     from parallel.config import ConfigError
 
+    check_nproc(args.nproc)
     env = env_world()
     if env is not None and env[1] > 1:
         if args.nproc not in (None, env[1]):
@@ -149,7 +161,10 @@ def generate(args) -> int:
     import torch
 
     from engine import Engine, ParallelConfig
+    from engine.api import check_device
+    from engine.budget import check_request_memory
     from engine.models import describe_model
+    from launch.outputs import IMAGE_FORMATS, REPORT_FORMATS, check_output_path
     from engine.requests import build_request
     from parallel.config import ConfigError
     from parallel.registry import default_strategy
@@ -190,6 +205,9 @@ def generate(args) -> int:
         controlnet_conditioning_scale=args.control_scale or 1.0,
         num_images_per_prompt=args.num_images,
     )
+    check_output_path(args.out, IMAGE_FORMATS, "--out")
+    if args.report:
+        check_output_path(args.report, REPORT_FORMATS, "--report")
     loras = lora_arguments(args.lora)
     info = describe_model(args.model)
     if info is not None:  # bad input fails before any rank starts
@@ -197,13 +215,17 @@ def generate(args) -> int:
 
         for name, path, weight in loras:
             check_lora(name, path, weight, info)
-        build_request(info, parallel, args.prompt, **request)
+        checked = build_request(info, parallel, args.prompt, **request)
+        local = args.launcher == "local"
+        device_type = check_device(args.device, world, local_ranks=None if local else 1, cluster=not local)
+        check_request_memory(info, checked, world if local else 1, device_type, args.memory_limit_gb)
     check_launcher_arguments(args)
     with Engine.from_pretrained(args.model, parallel=parallel, device=args.device, dtype=dtype,
                                 launcher=args.launcher, address=args.address) as engine:
         for name, path, weight in loras:
             engine.load_lora(name, path, weight)
-        result = engine.generate(args.prompt, progress=not args.no_progress, **request)
+        result = engine.generate(args.prompt, progress=not args.no_progress, memory_limit_gb=args.memory_limit_gb,
+                                 **request)
     if not result.images:
         return 0  # a non-zero torchrun rank: rank 0 writes the outputs
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -219,6 +241,10 @@ def generate(args) -> int:
 
 
 def _print_summary(report: dict) -> None:
+    if "prompt_truncated" in report:
+        cut = report["prompt_truncated"]
+        print(f"tessera: warning: the prompt has {cut['tokens']} tokens; the text encoder kept the first {cut['kept']}",
+              file=sys.stderr)
     print(
         f"{report['strategy']} on {report['world_size']} rank(s), {report['height']}x{report['width']}, "
         f"{report['steps']} steps: {report['latency_s']:.2f} s"
@@ -246,7 +272,7 @@ def main(argv=None) -> int:
             print(f"tessera: error: {exc}", file=sys.stderr)
             return 2
     args = _parser().parse_args(argv)
-    from launch.worker import RankFailedError
+    from launch.worker import RankFailedError, RequestFailedError
     from parallel.config import ConfigError
 
     try:
@@ -263,11 +289,14 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"tessera: error: {exc}", file=sys.stderr)
         return 2
-    except RankFailedError as exc:
+    except (RankFailedError, RequestFailedError) as exc:
         print(f"tessera: error: {exc}", file=sys.stderr)
         if exc.details:
             print(exc.details, file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the launcher has already stopped the ranks
+        print("tessera: interrupted", file=sys.stderr)
+        return INTERRUPTED_EXIT
 
 
 if __name__ == "__main__":

@@ -7,26 +7,35 @@ the rank and the cause, and the remaining ranks are terminated.
 
 from __future__ import annotations
 
-import datetime
 import queue
+import signal
 import time
 
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from launch.worker import RankFailedError, worker_main
+from comms.groups import listening_store
+from launch.worker import RankFailedError, RequestFailedError, worker_main
 
 PEER_STOPPED_EXIT = 3  # comms.failure.EXIT_CODE: a rank that stopped because a peer failed
 START_TIMEOUT_S = 600.0
+AGREE_S = 2.0  # how long the other ranks may take to fail the same way (then the request failed alone)
+DEATH_GRACE_S = 2.0  # how long a peer's error may take to arrive after its rank is seen gone
+KILL_GRACE_S = 2.0  # between SIGTERM and SIGKILL when the ranks are stopped
+
+
+def _exit_description(code: int) -> str:
+    if code < 0:
+        try:
+            return f"died (killed by {signal.Signals(-code).name})"
+        except ValueError:
+            return f"died (killed by signal {-code})"
+    return f"exited unexpectedly with code {code}"
 
 
 class LocalLauncher:
     def __init__(self, model, parallel, world_size: int, device=None, dtype=None):
         self.world_size = world_size
-        self._store = dist.TCPStore(
-            "127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
-            timeout=datetime.timedelta(seconds=parallel.comm_timeout_s),
-        )
+        self._store = listening_store("127.0.0.1", parallel.comm_timeout_s)  # loopback only
         ctx = mp.get_context("spawn")
         self._results = ctx.Queue()
         self._requests = [ctx.Queue() for _ in range(world_size)]
@@ -46,8 +55,11 @@ class LocalLauncher:
             p.start()
         self.closed = False
         self.last_reports: list = []  # every rank's report of the last stream
-        ready = self._collect("ready", START_TIMEOUT_S)
-        self.info = ready[0]
+        try:
+            self.info = self._collect("ready", START_TIMEOUT_S)[0]
+        except BaseException:  # a failed start or Ctrl-C: leave no rank behind
+            self.close(graceful=False)
+            raise
 
     def _check_running(self) -> None:
         if self.closed:
@@ -57,7 +69,11 @@ class LocalLauncher:
         self._check_running()
         for q in self._requests:
             q.put(request)
-        return self._collect("ok", None)[0]
+        try:
+            return self._collect("ok", None)[0]
+        except KeyboardInterrupt:  # Ctrl-C: stop the ranks now, not after the request
+            self.close(graceful=False)
+            raise
 
     def stream(self, request):
         """Yield (chunk, frames, seconds) as the decoding rank sends them; afterwards
@@ -94,14 +110,13 @@ class LocalLauncher:
             try:
                 kind, rank, payload = self._results.get(timeout=0.2)
             except queue.Empty:
-                dead = [(r, p.exitcode) for r, p in enumerate(self._procs) if p.exitcode is not None]
-                if dead:
-                    self._fail(*self._dead_rank_message(dead))
+                if self._dead_ranks():
+                    self._fail(*self._root_cause({}))
                 if deadline is not None and time.monotonic() > deadline:
                     self._fail(f"ranks did not report {waiting_for}")
                 continue
-            if kind == "error":
-                self._fail(f"rank {rank} failed: {payload[0]}", payload[1])
+            if kind in ("error", "request_error"):
+                self._on_error(rank, kind, payload)
             return kind, rank, payload
 
     def _collect(self, kind: str, timeout_s: float | None) -> dict:
@@ -113,19 +128,54 @@ class LocalLauncher:
             got[rank] = payload
         return got
 
-    def _dead_rank_message(self, dead) -> str:
-        # A rank that stopped because of a peer exits with PEER_STOPPED_EXIT; the peer's own
-        # error message may still be in flight, so give it a moment before blaming anyone.
-        end = time.monotonic() + 2.0
-        while time.monotonic() < end:
-            try:
-                msg_kind, rank, payload = self._results.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if msg_kind == "error":
-                return f"rank {rank} failed: {payload[0]}", payload[1]
-        roots = [(r, c) for r, c in dead if c != PEER_STOPPED_EXIT] or dead
-        return "; ".join(f"rank {r} exited unexpectedly with code {c}" for r, c in roots), ""
+    def _dead_ranks(self) -> dict:
+        return {r: p.exitcode for r, p in enumerate(self._procs) if p.exitcode is not None}
+
+    def _on_error(self, rank: int, kind: str, payload) -> None:
+        """A rank reported an error. If every rank reports the same request error (the
+        request fails at the same point everywhere), the request failed alone: raise it
+        and keep the ranks. Anything else (a rank that died, one still inside a collective,
+        different errors) takes the group down, naming the rank that caused it."""
+        errors = {rank: (kind, payload)}
+        end = time.monotonic() + AGREE_S
+        while len(errors) < self.world_size and time.monotonic() < end and not self._unexplained_deaths(errors):
+            if self._take_error(errors, 0.05) == "ok":
+                break  # another rank finished the request: the ranks disagree
+        points = {msg[2] if k == "request_error" else None for k, msg in errors.values()}
+        if len(errors) == self.world_size and len(points) == 1 and None not in points:
+            raise RequestFailedError(f"the request failed on every rank: {payload[0]}", errors[min(errors)][1][1])
+        self._fail(*self._root_cause(errors))
+
+    def _take_error(self, errors: dict, timeout_s: float) -> str | None:
+        """The kind of the next message within `timeout_s` (None: none came); an error is
+        recorded in `errors` under its rank."""
+        try:
+            kind, rank, payload = self._results.get(timeout=timeout_s)
+        except queue.Empty:
+            return None
+        if kind in ("error", "request_error"):
+            errors[rank] = (kind, payload)
+        return kind
+
+    def _unexplained_deaths(self, errors: dict) -> dict:
+        """Dead ranks that sent no error and did not stop because of a peer: the cause."""
+        return {r: c for r, c in self._dead_ranks().items() if r not in errors and c != PEER_STOPPED_EXIT}
+
+    def _root_cause(self, errors: dict) -> tuple[str, str]:
+        """(message, details) naming the rank that caused a failure: a rank that died
+        (killed by a signal or exited) before any error message, which its peers' errors
+        (a closed connection) only echo; else the first rank that reported an error. With
+        only ranks that stopped for a peer, the peer's message may still be in flight."""
+        end = time.monotonic() + DEATH_GRACE_S
+        while not errors and not self._unexplained_deaths(errors) and time.monotonic() < end:
+            self._take_error(errors, 0.1)
+        died = self._unexplained_deaths(errors)
+        if died:
+            return "; ".join(f"rank {r} {_exit_description(c)}" for r, c in sorted(died.items())), ""
+        if errors:
+            first = next(iter(errors))
+            return f"rank {first} failed: {errors[first][1][0]}", errors[first][1][1]
+        return "; ".join(f"rank {r} {_exit_description(c)}" for r, c in sorted(self._dead_ranks().items())), ""
 
     def _fail(self, message: str, details: str = ""):
         self.close(graceful=False)
@@ -146,7 +196,10 @@ class LocalLauncher:
         for p in self._procs:
             if p.is_alive():
                 p.terminate()
-                p.join(timeout=2.0)
+        deadline = time.monotonic() + KILL_GRACE_S
+        for p in self._procs:
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+        for p in self._procs:
             if p.is_alive():
                 p.kill()
                 p.join()

@@ -40,6 +40,15 @@ def import_ray():
     return ray
 
 
+def _private_cluster_on_loopback() -> None:
+    """A private one-node cluster binds 127.0.0.1, not the machine's network address. Ray
+    reads this switch when it is imported (the driver) and when its daemons start."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
 class RankActor:
     """The body of one rank inside a Ray actor (wrapped with `ray.remote` at launch)."""
 
@@ -48,10 +57,13 @@ class RankActor:
 
         return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
 
-    def free_port(self) -> int:
-        from comms.groups import free_port
+    def host_store(self, host: str, timeout_s: float) -> int:
+        """Rank 0: serve the rendezvous store on this node's own address (never the
+        wildcard); returns its port."""
+        from comms.groups import listening_store
 
-        return free_port("")
+        self._store = listening_store(host, timeout_s)
+        return self._store.port
 
     def pid(self) -> int:
         return os.getpid()
@@ -66,10 +78,11 @@ class RankActor:
         from engine.runtime.image import make_runtime
 
         self.rank = rank
-        from comms.groups import ray_local_gpu
+        from comms.groups import client_store, ray_local_gpu
 
+        store = self._store if rank == 0 else client_store(master[0], master[1], parallel.comm_timeout_s)
         # The GPU Ray assigned to this actor (ray.get_gpu_ids()), not one derived from ranks.
-        topo = init_distributed(rank, world, ray_local_gpu(local_rank), device, parallel.comm_timeout_s)
+        topo = init_distributed(rank, world, ray_local_gpu(local_rank), device, parallel.comm_timeout_s, store=store)
         self.runtime = make_runtime(model, topo, dtype)
         return self.runtime.info
 
@@ -141,13 +154,16 @@ class RayLauncher:
         self._owns_ray = False
         self._actors: list = []
         self._pg = None
+        self._private = False
         if not ray.is_initialized():
             address = address or os.environ.get("RAY_ADDRESS")
             if address:
                 ray.init(address=address, include_dashboard=False, log_to_driver=False)
             else:  # a private cluster on this machine: one logical CPU per rank at least
+                _private_cluster_on_loopback()
                 ray.init(num_cpus=max(os.cpu_count() or 1, world_size), include_dashboard=False,
                          log_to_driver=False)
+                self._private = True
             self._owns_ray = True
         try:
             self._start(model, parallel, device, dtype)
@@ -197,6 +213,10 @@ class RayLauncher:
         for var in ("HF_HUB_OFFLINE", "TESSERA_INJECT_FAULT"):
             if var in os.environ:
                 env[var] = os.environ[var]
+        if self._private:
+            from comms.groups import pin_to_loopback
+
+            pin_to_loopback(env)  # one machine: gloo / NCCL never listen beyond loopback
         self._actors = [
             remote.options(
                 num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0), max_restarts=0,
@@ -207,7 +227,8 @@ class RayLauncher:
             for index, _, _ in placement
         ]
         self.nodes = self._gather([a.where.remote() for a in self._actors], "where", START_TIMEOUT_S)
-        master = (self.nodes[0][1], self._gather([self._actors[0].free_port.remote()], "free_port", 60)[0])
+        host = self.nodes[0][1]
+        master = (host, self._gather([self._actors[0].host_store.remote(host, parallel.comm_timeout_s)], "host_store", 60)[0])
         starts = [
             actor.start.remote(rank, self.world_size, local, local_world, master, model, parallel, device, dtype)
             for rank, (actor, (_, local, local_world)) in enumerate(zip(self._actors, placement))

@@ -16,7 +16,8 @@ import sys
 
 import numpy as np
 
-from launch.cli import add_launcher_arguments, check_launcher_arguments
+from launch.outputs import REPORT_FORMATS, VIDEO_FORMATS, check_output_path
+from launch.cli import INTERRUPTED_EXIT, add_launcher_arguments, check_launcher_arguments, check_nproc
 
 DEFAULT_VIDEO_MODEL = "tiny-causal-video"
 
@@ -106,6 +107,9 @@ def stream_command(args) -> int:
     if args.compare_serial and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("--compare-serial runs the one-rank stream in this process; use --nproc, not torchrun")
     check_launcher_arguments(args)
+    check_nproc(args.nproc)
+    if not args.endless and args.chunks < 1:  # before the model is built to validate the rest
+        raise ConfigError(f"num_chunks must be a positive integer (or --endless), got {args.chunks}")
     chunks = None if args.endless else args.chunks
     launched = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun every rank runs this command
     world = args.nproc or (launched if launched > 1 else None)
@@ -120,6 +124,9 @@ def stream_command(args) -> int:
     if not is_video_model(args.model):
         raise ConfigError(f"{args.model} is not a causal video model; tessera stream needs one (e.g. tiny-causal-video)")
     # bad input fails here, before any rank starts
+    check_output_path(args.out, VIDEO_FORMATS, "--out", folder=True)
+    if args.report:
+        check_output_path(args.report, REPORT_FORMATS, "--report")
     build_stream_request(describe_video(args.model), parallel.strategy, parallel.world_size or 1, args.prompt,
                          **request)
     writer = FrameWriter(args.out, args.fps)
@@ -141,8 +148,11 @@ def stream_command(args) -> int:
             report = stream.report
     finally:
         writer.close()  # what was streamed is kept, whatever ended the stream
+    done = INTERRUPTED_EXIT if interrupted else 0
+    if interrupted:
+        print("tessera: interrupted", file=sys.stderr)
     if report is None:
-        return 0
+        return done
     if kept is not None and interrupted:
         print("interrupted: no comparison with the serial stream", file=sys.stderr)
     elif kept is not None:
@@ -157,7 +167,7 @@ def stream_command(args) -> int:
                   serial_stage_bound_fps=ser["stage_bound_fps"])
         report["vs_serial"] = vs
     if report["frames"] == 0 and not kept:
-        return 0  # a torchrun rank that does not decode
+        return done  # a torchrun rank that does not decode
     print(f"video: {os.path.abspath(args.out)} ({writer.count} frames)")
     if args.report:
         os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)
@@ -165,7 +175,7 @@ def stream_command(args) -> int:
             json.dump(json_safe(report), f, indent=2)
         print(f"report: {os.path.abspath(args.report)}")
     print_stream_summary(report)
-    return 0
+    return done
 
 
 def _fmt(value, spec: str) -> str:

@@ -18,6 +18,20 @@ class RankFailedError(RuntimeError):
         self.details = details  # the failing rank's traceback, when it sent one
 
 
+class RequestFailedError(RuntimeError):
+    """A request raised on every rank at the same point: it failed alone, and the ranks are
+    still up for the next request."""
+
+    def __init__(self, message: str, details: str = ""):
+        super().__init__(message)
+        self.details = details  # rank 0's traceback
+
+
+def summarize(exc: BaseException) -> str:
+    """One line naming an exception: its type and the first line of its message."""
+    return f"{type(exc).__name__}: {exc}".strip().splitlines()[0] if str(exc) else type(exc).__name__
+
+
 def configure_threads(threads: int | None, local_world: int) -> None:
     import torch
 
@@ -43,6 +57,17 @@ def serve_stream(runtime, request, rank, results, stop, consumed) -> None:
     results.put(("ok", rank, runtime.last_report))
 
 
+def _thread_lock_for_progress_bars() -> None:
+    """tqdm's default lock is a multiprocessing semaphore registered with the parent's
+    resource tracker; a rank that is terminated never releases it, and the parent then
+    warns of leaked semaphores at exit. A rank's bars need only a thread lock."""
+    import threading
+
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
+
+
 def worker_main(rank, world_size, store_port, model, parallel, device, dtype, requests, results, control=None):
     """Entry point of a spawned rank. Talks to the parent only through two queues (and, for
     streams, a stop event and a consumed-chunks counter in `control`)."""
@@ -54,26 +79,23 @@ def worker_main(rank, world_size, store_port, model, parallel, device, dtype, re
         LOCAL_RANK=str(rank),
         LOCAL_WORLD_SIZE=str(world_size),
     )
+    from comms.groups import pin_to_loopback
+
+    pin_to_loopback(os.environ)  # one machine: gloo / NCCL never listen beyond loopback
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops the ranks
+    _thread_lock_for_progress_bars()
     watch = None
     try:
         configure_threads(parallel.threads_per_rank, world_size)
-        import torch.distributed as dist
-
         from comms.failure import FailureWatch
-        from comms.groups import init_distributed
+        from comms.groups import client_store, init_distributed
         from engine.runtime.image import make_runtime
         from engine.runtime.video import StreamRequest
 
         watch = FailureWatch(rank, "127.0.0.1", store_port, exit_on_store_loss=True)
-        import datetime
-
-        store = dist.TCPStore(
-            "127.0.0.1", store_port, world_size, is_master=False,
-            timeout=datetime.timedelta(seconds=parallel.comm_timeout_s),
-        )
+        store = client_store("127.0.0.1", store_port, parallel.comm_timeout_s)
         topo = init_distributed(rank, world_size, rank, device, parallel.comm_timeout_s, store=store)
         runtime = make_runtime(model, topo, dtype)
         results.put(("ready", rank, runtime.info))
@@ -84,13 +106,17 @@ def worker_main(rank, world_size, store_port, model, parallel, device, dtype, re
             if isinstance(request, StreamRequest):
                 serve_stream(runtime, request, rank, results, *control)
                 continue
-            output = runtime.run(request)
+            try:
+                output = runtime.run(request)
+            except Exception as exc:  # whether the request failed alone (on every rank alike) is the parent's call
+                point = (summarize(exc), runtime.topo.barriers)
+                results.put(("request_error", rank, (point[0], traceback.format_exc(), point)))
+                continue
             results.put(("ok", rank, output if rank == 0 else None))
     except BaseException as exc:  # report anything, then leave: the group is unusable now
         if watch is not None:
             watch.report(exc)
-        summary = f"{type(exc).__name__}: {exc}".strip().splitlines()[0] if str(exc) else type(exc).__name__
-        results.put(("error", rank, (summary, traceback.format_exc())))
+        results.put(("error", rank, (summarize(exc), traceback.format_exc())))
         results.close()
         results.join_thread()
         os._exit(1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -10,13 +11,21 @@ def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def is_number(value) -> bool:
+    """An int or float and not a bool (NaN included: range checks refuse it)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 from parallel.errors import ConfigError
 from parallel.registry import PATCH_STRATEGIES, STRATEGIES, names, strategy_of
 
-__all__ = ["ParallelConfig", "ConfigError", "STRATEGIES", "PATCH_STRATEGIES", "GN_MODES", "is_int"]
+__all__ = ["ParallelConfig", "ConfigError", "STRATEGIES", "PATCH_STRATEGIES", "GN_MODES", "is_int", "is_number"]
 
 # Beyond 1 the guidance extrapolates past the branch on its grid; far beyond it overshoots.
 MAX_ASG_STRENGTH = 4.0
+# Below a second the store and the communicators cannot even connect; a timeout that small
+# only turns a slow step into a failure.
+MIN_TIMEOUT_S = 1.0
 GN_MODES = ("corrected", "extrapolated", "sync")
 
 
@@ -81,23 +90,23 @@ class ParallelConfig:
 
     def validate(self) -> "ParallelConfig":
         strategy = strategy_of(self.strategy)
-        if self.world_size is not None and (not isinstance(self.world_size, int) or self.world_size < 1):
+        if self.world_size is not None and (not is_int(self.world_size) or self.world_size < 1):
             raise ConfigError(f"world_size must be a positive integer, got {self.world_size!r}")
         if not strategy.multi_rank and (self.world_size or 1) > 1:
             raise ConfigError(
                 f"strategy {self.strategy!r} runs on one rank, but world_size is {self.world_size}; "
                 f"use {', '.join(repr(n) for n in PATCH_STRATEGIES)} for several ranks"
             )
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+        if not is_int(self.warmup_steps) or self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps must be a non-negative integer, got {self.warmup_steps!r}")
         portion = self.pcpp_portion
-        if isinstance(portion, bool) or not isinstance(portion, (int, float)) or not 0.0 < portion <= 1.0:
+        if not is_number(portion) or not 0.0 < portion <= 1.0:
             raise ConfigError(f"pcpp_portion must be a number in (0, 1], got {portion!r}")
         if self.asg_tile_overlap is not None and (not is_int(self.asg_tile_overlap) or self.asg_tile_overlap < 0):
             raise ConfigError(f"asg_tile_overlap must be a non-negative integer (latent rows), got {self.asg_tile_overlap!r}")
         for name, value, high in (("asg_strength", self.asg_strength, MAX_ASG_STRENGTH),
                                   ("asg_mask_floor", self.asg_mask_floor, 1.0)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= high:
+            if not is_number(value) or not 0.0 <= value <= high:
                 raise ConfigError(f"{name} must be a number in [0, {high:g}], got {value!r}")
         detail = self.asg_detail_steps
         if detail is not None and (not is_int(detail) or detail < 0):
@@ -109,15 +118,19 @@ class ParallelConfig:
         if self.cfg_split is not None and not isinstance(self.cfg_split, bool):
             raise ConfigError(f"cfg_split must be True, False or None (auto), got {self.cfg_split!r}")
         mb = self.bucket_mb
-        if mb is not None and (isinstance(mb, bool) or not isinstance(mb, (int, float)) or mb < 0):
+        if mb is not None and (not is_number(mb) or not 0 <= mb < math.inf):
             raise ConfigError(f"bucket_mb must be None, 0 or a positive number of MB, got {mb!r}")
         if not isinstance(self.compile, bool):
             raise ConfigError(f"compile must be True or False, got {self.compile!r}")
         if self.compile and not strategy.compiles:
             raise ConfigError(f"compile supports the strategies {', '.join(names(lambda s: s.compiles))}; "
                               f"not {self.strategy!r}")
-        if self.comm_timeout_s <= 0:
-            raise ConfigError("comm_timeout_s must be positive")
-        if self.threads_per_rank is not None and self.threads_per_rank < 1:
-            raise ConfigError("threads_per_rank must be at least 1")
+        timeout = self.comm_timeout_s
+        if not is_number(timeout) or not MIN_TIMEOUT_S <= timeout < math.inf:
+            raise ConfigError(f"comm_timeout_s must be a finite number of seconds >= {MIN_TIMEOUT_S:g}, got {timeout!r}")
+        if not isinstance(self.trace_comms, bool):
+            raise ConfigError(f"trace_comms must be True or False, got {self.trace_comms!r}")
+        threads = self.threads_per_rank
+        if threads is not None and (not is_int(threads) or threads < 1):
+            raise ConfigError(f"threads_per_rank must be None or a positive integer, got {threads!r}")
         return self

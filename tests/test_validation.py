@@ -11,7 +11,6 @@ from engine import ConfigError, Engine, ParallelConfig
 from engine.models import describe_model
 from engine.requests import build_request
 from launch.cli import main
-from launch.worker import RankFailedError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,7 +33,8 @@ def _req(world=2, strategy="patch", cfg_split=None, pcpp_portion=0.3, model="tin
         (dict(num_inference_steps=-3), "positive integer"),
         (dict(num_inference_steps=0), "positive integer"),
         (dict(strategy="stale-magic"), "unknown strategy"),
-        (dict(seed=-1), "non-negative"),
+        (dict(seed=-1), "generator.s range"),
+        (dict(seed=2**64), "generator.s range"),
         (dict(negative_prompt="blurry", guidance_scale=1.0), "ignored"),
         (dict(scheduler="NotAScheduler"), "unknown scheduler"),
         (dict(strategy="none"), "runs on one rank"),
@@ -104,26 +104,6 @@ def test_cli_unknown_strategy_exits_nonzero():
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
-
-
-def test_a_rank_that_raises_stops_every_rank_within_seconds(monkeypatch):
-    monkeypatch.setenv("TESSERA_INJECT_FAULT", "rank=1,step=2")
-    engine = Engine.from_pretrained("tiny-sd", parallel=ParallelConfig(strategy="patch", world_size=2))
-    procs = engine._backend._procs
-    start = time.monotonic()
-    with pytest.raises(RankFailedError, match=r"rank 1 failed: RuntimeError: injected fault at step 2"):
-        engine.generate("x", height=128, width=128, num_inference_steps=6, progress=False)
-    assert time.monotonic() - start < 30
-    assert all(not p.is_alive() for p in procs)
-    with pytest.raises(RankFailedError, match="restart"):
-        engine.generate("x", height=128, width=128, num_inference_steps=2, progress=False)
-    monkeypatch.delenv("TESSERA_INJECT_FAULT")
-    engine.restart()  # a fresh group serves the next request
-    try:
-        result = engine.generate("x", height=128, width=128, num_inference_steps=2, progress=False)
-        assert result.image.size == (128, 128)
-    finally:
-        engine.close()
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")

@@ -12,7 +12,59 @@ from parallel.config import ConfigError
 
 
 def preset_names() -> list[str]:
-    return sorted(PRESETS) + sorted(TRAINED_PRESETS)
+    from engine.models.video import VIDEO_PRESETS
+
+    return sorted(PRESETS) + sorted(TRAINED_PRESETS) + sorted(VIDEO_PRESETS)
+
+
+MAX_HEADER_BYTES = 100 * 2**20  # a safetensors header beyond this is a corrupt length
+
+
+def _check_json(path: str):
+    import json
+
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: not a readable JSON file ({type(exc).__name__}: {exc})") from None
+
+
+def _check_safetensors(path: str) -> None:
+    """The header of a safetensors file: an 8-byte length, then that much JSON."""
+    import json
+
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 2 <= size <= min(MAX_HEADER_BYTES, os.path.getsize(path) - 8):
+                raise ValueError(f"header length {size}")
+            header = json.loads(f.read(size))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: not a safetensors file ({exc})") from None
+
+
+def _check_pipeline_dir(path: str) -> None:
+    """A diffusers directory as far as the caller can tell without loading it: the index,
+    every component it lists (its JSON files parse, its safetensors headers are sound)."""
+    index_path = os.path.join(path, "model_index.json")
+    index = _check_json(index_path)
+    if not isinstance(index, dict) or "_class_name" not in index:
+        raise ConfigError(f"{index_path}: no _class_name, so not a diffusers pipeline index")
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or spec[0] is None:
+            continue  # a setting, or an optional component left out
+        component = os.path.join(path, name)
+        if not os.path.isdir(component):
+            raise ConfigError(f"{component}: missing, but {index_path} lists component {name!r}")
+        for entry in sorted(os.listdir(component)):
+            file = os.path.join(component, entry)
+            if entry.endswith(".json"):
+                _check_json(file)
+            elif entry.endswith(".safetensors"):
+                _check_safetensors(file)
 
 
 def _trained_dir(name: str) -> str:
@@ -38,6 +90,7 @@ def check_model_spec(model: str) -> None:
     if os.path.isdir(model):
         if not os.path.isfile(os.path.join(model, "model_index.json")):
             raise ConfigError(f"{model} is a directory but not a diffusers pipeline (no model_index.json)")
+        _check_pipeline_dir(model)
         return
     looks_like_hub_id = model.count("/") == 1 and not model.startswith((".", "/"))
     if not looks_like_hub_id:
@@ -157,7 +210,7 @@ def save_preset(name: str, path: str) -> str:
     if name in VIDEO_PRESETS:
         return save_video_model(load_video_model(name), path)
     if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(sorted(PRESETS))}")
+        raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(sorted(PRESETS) + list(VIDEO_PRESETS))}")
     PRESETS[name]().save_pretrained(path)
     return path
 

@@ -89,9 +89,9 @@ def _chain(callbacks):
     return callback
 
 
-def _injected_fault(rank: int):
+def _injected_fault(rank: int, prompt: str):
     """The pipeline callback of the testing hook in engine.faults (None when not armed)."""
-    at_step = injected_fault_step(rank)
+    at_step = injected_fault_step(rank, prompt)
     if at_step is None:
         return None
 
@@ -184,7 +184,7 @@ class RankRuntime:
     def _denoise(self, request: GenerateRequest) -> torch.Tensor:
         generator = torch.Generator(device="cpu").manual_seed(request.seed)
         extra = {}
-        callbacks = [c for c in (_injected_fault(self.topo.rank), _host_sync_watch(request.parallel)) if c]
+        callbacks = [c for c in (_injected_fault(self.topo.rank, request.prompt[0]), _host_sync_watch(request.parallel)) if c]
         if callbacks:
             extra["callback_on_step_end"] = _chain(callbacks)
         pipe = pipeline_for(self.pipe, request, self._controlnet, self.addons.pipelines)
@@ -242,6 +242,9 @@ class RankRuntime:
         report = self._report(request, scheduler, time.perf_counter() - start, denoise_s, decode_s, parts)
         if asg_report is not None:
             report["asg"] = asg_report
+        truncated = self._truncated_prompt(request)
+        if truncated:
+            report["prompt_truncated"] = truncated
         latents_np = latents.float().cpu().numpy()
         if request.compare_serial:
             report["vs_serial"] = self._compare_serial(request, images, latents_np)
@@ -363,6 +366,16 @@ class RankRuntime:
             "decode": "parallel" if self.decode_ctx is not None else "serial",
             "per_rank": parts,
         }
+
+    def _truncated_prompt(self, request: GenerateRequest) -> dict | None:
+        """{tokens, kept} when the (first) text encoder cuts a prompt to its length, else None:
+        the pipeline truncates silently."""
+        tokenizer = getattr(self.pipe, "tokenizer", None)
+        if tokenizer is None:
+            return None
+        limit = tokenizer.model_max_length
+        longest = max(len(tokenizer(p).input_ids) for p in request.prompt)
+        return {"tokens": longest, "kept": limit} if longest > limit else None
 
     def _denoise_asg(self, request: GenerateRequest, reference: bool = False) -> tuple[torch.Tensor, dict, dict]:
         """ASG: over the ranks (tiles on ranks 0..N-2, the branch on N-1), or with
