@@ -72,6 +72,17 @@ def check_device(device, world: int, local_ranks: int | None, cluster: bool = Fa
 LAUNCHERS = ("local", "ray")
 
 
+def _refuse_in_spawned_import() -> None:
+    """A spawned rank imports the caller's script again; a script without a `__main__` guard
+    would make an engine (and spawn ranks) from inside every rank. Say so, in that rank."""
+    import multiprocessing.process
+
+    if getattr(multiprocessing.process.current_process(), "_inheriting", False):
+        raise RuntimeError(
+            "Engine.from_pretrained ran while a spawned rank was importing your script: put the script's "
+            "code under `if __name__ == \"__main__\":` (each local rank imports the main module again)")
+
+
 class Engine:
     def __init__(self, model: str, parallel: ParallelConfig, backend: Backend, launch: str):
         self.model = model
@@ -109,6 +120,7 @@ class Engine:
         Under torchrun, or with one rank, the launcher is not used. `auto_restart`: after a
         rank died or the group failed, the next request first brings the group back
         (`restart()`); the failed request itself still raises."""
+        _refuse_in_spawned_import()
         check_model_spec(model)
         if launcher not in LAUNCHERS:
             raise ConfigError(f"unknown launcher {launcher!r}; choose one of {', '.join(LAUNCHERS)}")

@@ -57,6 +57,12 @@ class LocalLauncher:
         self.last_reports: list = []  # every rank's report of the last stream
         try:
             self.info = self._collect("ready", START_TIMEOUT_S)[0]
+        except RankFailedError as exc:
+            self.close(graceful=False)
+            if "exited" in str(exc) and not exc.details:  # died before it could say why
+                raise RankFailedError(f"{exc} while starting (its error is printed above; a script that makes an "
+                                      "engine must do so under `if __name__ == \"__main__\":`)", "") from None
+            raise
         except BaseException:  # a failed start or Ctrl-C: leave no rank behind
             self.close(graceful=False)
             raise
