@@ -25,6 +25,7 @@ import torch
 
 from comms import groups
 from engine.models import check_model_spec
+from engine.quiet import quiet_libraries
 from engine.requests import build_request
 from engine.results import GenerateResult, VideoStream
 from launch.backend import Backend
@@ -86,6 +87,7 @@ class Engine:
         if address is not None and launcher != "ray":
             raise ConfigError("address names a Ray cluster; it needs launcher='ray'")
         env = groups.env_world()
+        quiet_libraries(env[0] if env else 0)  # this process may load the model (serial, torchrun)
         if env is not None and env[1] > 1 and launcher == "ray":
             raise ConfigError("launcher='ray' starts its own ranks; do not run it under torchrun")
         from engine.models.video import is_video_model
