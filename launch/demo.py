@@ -7,12 +7,13 @@ One prompt and seed, four runs:
     tiles averaged where they overlap (MultiDiffusion) and no structure guidance, so every
     tile window draws the prompt's objects again;
 (c) `asg` over the ranks: the same tiles pulled towards a structure branch of the whole image;
-and, in the table only, (d) `patch`: row bands of the whole latent with stale activations,
-and the serial whole-image run at the demo size (one process, all cores).
+and, in the table only, (d) `patch`: row bands of the whole latent with stale activations.
 
 Each parallel run carries `compare_serial`: the same request runs again on rank 0 alone in
 the same run (for `asg`, the single-process run of the same algorithm), which gives its
-speed-up and its fidelity. One group of ranks serves the three parallel requests (the
+speed-up and its fidelity: one device against N, where on a CPU a "device" is one rank's share
+of the cores (a serial run with all the threads of one process scales worse than processes
+on a small or busy machine, so it would not be the honest baseline there). One group of ranks serves the three parallel requests (the
 strategy is per request). Writes DIR/demo.png (a, b, c side by side, captioned),
 DIR/demo.json (rows and full reports) and DIR/demo.md (the table, also printed).
 """
@@ -59,6 +60,7 @@ def run(args) -> dict:
     from engine.models import describe_model
     from engine.requests import build_request
 
+    load = os.getloadavg()[0]  # before the demo's own work: others' work slows every run
     info = describe_model(args.model)
     native = info.native_size if info else None
     size = args.size or (2 * native if native else None)
@@ -81,8 +83,6 @@ def run(args) -> dict:
         native = native or serial.info.native_size
         size = size or 2 * native
         record("native", f"native {native} px", serial.generate(args.prompt, height=native, width=native, **request), 1)
-        if size != native:
-            record("serial", f"serial {size} px", serial.generate(args.prompt, height=size, width=size, **request), 1)
     with Engine.from_pretrained(args.model, parallel=configs[runs[0][0]]) as engine:
         for name, caption, _ in runs:
             result = engine.generate(args.prompt, height=size, width=size, compare_serial=True,
@@ -97,7 +97,7 @@ def run(args) -> dict:
                                        f"{r['latency_s']:.1f} s, speed-up {r['speedup']:.2f}x"]))
     title = f"{args.model}, \"{args.prompt}\", seed {args.seed}, {args.steps} steps"
     return {"model": args.model, "prompt": args.prompt, "seed": args.seed, "steps": args.steps,
-            "native": native, "size": size, "ranks": args.nproc, "cores": os.cpu_count(),
+            "native": native, "size": size, "ranks": args.nproc, "cores": os.cpu_count(), "load_average": load,
             "rows": rows, "panels": panels, "title": title}
 
 
@@ -121,7 +121,7 @@ def _num(value, fmt: str) -> str:
     return "identical" if isinstance(value, float) and math.isinf(value) else format(value, fmt)
 
 
-def table(rows: list[dict], cores: int, gpu: bool = False) -> str:
+def table(rows: list[dict], cores: int, gpu: bool = False, load: float = 0.0) -> str:
     """The markdown table, with the notes a reader needs to read it honestly."""
     lines = ["| run | strategy | ranks | size | latency (s) | denoise (s) | one-rank denoise (s) | speed-up "
              "| PSNR vs one rank (dB) | latent rel L2 |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -139,6 +139,9 @@ def table(rows: list[dict], cores: int, gpu: bool = False) -> str:
         lines.append(f"Speed-up below 1 ({', '.join(slow)}): on this machine ({where}{cores} cores shared by the "
                      "ranks) parallel runs show their overheads (processes, exchanges), not speed-ups; with a "
                      "device per rank the ranks' work runs side by side.")
+    if load > cores / 2:
+        lines.append(f"Other work was running (load average {load:.1f} on {cores} cores when the demo started): "
+                     "every time above is noisy.")
     return "\n".join(lines) + "\n"
 
 
@@ -182,7 +185,7 @@ def write(result: dict, out_dir: str) -> str:
 
     os.makedirs(out_dir, exist_ok=True)
     compose(result["panels"], result["title"]).save(os.path.join(out_dir, "demo.png"))
-    text = table(result["rows"], result["cores"], gpu=torch.cuda.is_available())
+    text = table(result["rows"], result["cores"], gpu=torch.cuda.is_available(), load=result["load_average"])
     record = {k: v for k, v in result.items() if k != "panels"}
     write_results(os.path.join(out_dir, "demo.json"), json_safe(record), text)
     print(f"image: {os.path.abspath(os.path.join(out_dir, 'demo.png'))}")

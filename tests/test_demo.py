@@ -35,3 +35,4 @@ def test_table_rows_speedup_and_note():
     assert "| native 32 px | none | 1 | 64 | 1.50 | 1.00 | - | - | - | - |" in text
     assert "Speed-up below 1 (asg)" in text and "overheads" in text
     assert "below 1" not in table(rows[2:], cores=2)
+    assert "load average 3.0" in table(rows, cores=2, load=3.0) and "load average" not in text
