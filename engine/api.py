@@ -27,6 +27,7 @@ import torch
 from comms import groups
 from engine.budget import check_request_memory
 from engine.models import check_model_spec
+from engine.quiet import quiet_libraries
 from engine.requests import build_request
 from engine.workflows import check_lora
 from engine.results import GenerateResult, VideoStream
@@ -129,6 +130,7 @@ class Engine:
         if not isinstance(auto_restart, bool):
             raise ConfigError(f"auto_restart must be True or False, got {auto_restart!r}")
         env = groups.env_world()
+        quiet_libraries(env[0] if env else 0)  # this process may load the model (serial, torchrun)
         if env is not None and env[1] > 1 and launcher == "ray":
             raise ConfigError("launcher='ray' starts its own ranks; do not run it under torchrun")
         from engine.models.video import is_video_model

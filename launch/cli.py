@@ -1,5 +1,5 @@
-"""`tessera` command line: generate, stream (launch/stream_cli.py), bench (benchmarks/bench.py)
-and save-preset.
+"""`tessera` command line: generate, stream (launch/stream_cli.py), bench (benchmarks/bench.py),
+demo (launch/demo.py), doctor (launch/doctor.py) and save-preset.
 
     tessera generate --model tiny-sd --prompt "a red circle" --height 512 --width 512 \\
         --strategy patch --nproc 2 --out out.png --report report.json --compare-serial
@@ -136,6 +136,12 @@ def _parser() -> argparse.ArgumentParser:
     from launch.stream_cli import add_parser as add_stream_parser
 
     add_stream_parser(sub)
+    from launch.demo import add_parser as add_demo_parser
+
+    add_demo_parser(sub)
+    from launch.doctor import add_parser as add_doctor_parser
+
+    add_doctor_parser(sub)
     sub.add_parser("bench", add_help=False, help="scaling sweep with peers and plots (tessera bench --help)")
 
     save = sub.add_parser("save-preset", help="write a built-in preset as a diffusers directory")
@@ -285,6 +291,14 @@ def main(argv=None) -> int:
             from launch.stream_cli import stream_command
 
             return stream_command(args)
+        if args.command == "doctor":
+            from launch.doctor import doctor_command
+
+            return doctor_command(args)
+        if args.command == "demo":
+            from launch.demo import demo_command
+
+            return demo_command(args)
         return generate(args)
     except ConfigError as exc:
         print(f"tessera: error: {exc}", file=sys.stderr)

@@ -74,6 +74,9 @@ class RankActor:
             LOCAL_RANK=str(local_rank), LOCAL_WORLD_SIZE=str(local_world),
         )
         configure_threads(parallel.threads_per_rank, local_world)
+        from engine.quiet import quiet_libraries
+
+        quiet_libraries(rank)
         from comms.groups import init_distributed
         from engine.runtime.image import make_runtime
 

@@ -89,6 +89,9 @@ def worker_main(rank, world_size, store_port, model, parallel, device, dtype, re
     watch = None
     try:
         configure_threads(parallel.threads_per_rank, world_size)
+        from engine.quiet import quiet_libraries
+
+        quiet_libraries(rank)  # before loading: the known library messages go, and rank 0 alone warns
         from comms.failure import FailureWatch
         from comms.groups import client_store, init_distributed
         from engine.runtime.image import make_runtime
