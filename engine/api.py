@@ -29,7 +29,7 @@ from engine.budget import check_request_memory
 from engine.models import check_model_spec
 from engine.quiet import quiet_libraries
 from engine.requests import build_request
-from engine.workflows import check_lora
+from engine.workflows import check_lora, check_setup
 from engine.results import GenerateResult, VideoStream
 from launch.backend import Backend
 from launch.inprocess import InProcess
@@ -84,6 +84,17 @@ def _refuse_in_spawned_import() -> None:
             "code under `if __name__ == \"__main__\":` (each local rank imports the main module again)")
 
 
+def _callback_steps(callback, steps) -> int:
+    """How often rank 0 sends a preview: 0 without a callback."""
+    if callback is None:
+        return 0
+    if not callable(callback):
+        raise ConfigError(f"callback must be a function (step, preview), got {type(callback).__name__}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"callback_steps must be a positive integer, got {steps!r}")
+    return steps
+
+
 class Engine:
     def __init__(self, model: str, parallel: ParallelConfig, backend: Backend, launch: str):
         self.model = model
@@ -113,6 +124,7 @@ class Engine:
         launcher: str = "local",
         address: str | None = None,
         auto_restart: bool = False,
+        setup=None,
     ) -> "Engine":
         """Load `model` (preset, local directory or hub id) on every rank of the world.
 
@@ -120,9 +132,13 @@ class Engine:
         names a running cluster, else RAY_ADDRESS, else a private one-node cluster is started).
         Under torchrun, or with one rank, the launcher is not used. `auto_restart`: after a
         rank died or the group failed, the next request first brings the group back
-        (`restart()`); the failed request itself still raises."""
+        (`restart()`); the failed request itself still raises. `setup(pipe)`: a picklable
+        (top-level) function each rank calls on its loaded pipeline before the parallel layers
+        are installed and checked, for what the API does not cover (e.g. fused QKV, another
+        attention processor, a custom module); every rank must make the same change."""
         _refuse_in_spawned_import()
         check_model_spec(model)
+        check_setup(setup, model)
         if launcher not in LAUNCHERS:
             raise ConfigError(f"unknown launcher {launcher!r}; choose one of {', '.join(LAUNCHERS)}")
         if address is not None and launcher != "ray":
@@ -151,25 +167,25 @@ class Engine:
             if parallel.world_size not in (None, world):
                 raise ConfigError(f"world_size={parallel.world_size} but torchrun started {world} ranks")
             parallel = replace(parallel, world_size=world)
-            engine = cls(model, parallel, InProcess(model, parallel, rank, world, local_rank, device, dtype), "torchrun")
+            engine = cls(model, parallel, InProcess(model, parallel, rank, world, local_rank, device, dtype, setup), "torchrun")
             engine.device_type, engine.local_ranks = device_type, int(os.environ.get("LOCAL_WORLD_SIZE", world))
             return engine
         world = parallel.world_size or 1
         parallel = replace(parallel, world_size=world)
         if world == 1:
-            engine = cls(model, parallel, InProcess(model, parallel, 0, 1, 0, device, dtype), "serial")
+            engine = cls(model, parallel, InProcess(model, parallel, 0, 1, 0, device, dtype, setup), "serial")
             engine.device_type = device_type
             return engine
         if ray:
             from launch.ray_launcher import RayLauncher
 
             def respawn():
-                return RayLauncher(model, parallel, world, device, dtype, address=address)
+                return RayLauncher(model, parallel, world, device, dtype, address=address, setup=setup)
         else:
             from launch.local import LocalLauncher
 
             def respawn():
-                return LocalLauncher(model, parallel, world, device, dtype)
+                return LocalLauncher(model, parallel, world, device, dtype, setup=setup)
         engine = cls(model, parallel, respawn(), launcher)
         engine._respawn = respawn
         engine.auto_restart = auto_restart
@@ -205,6 +221,9 @@ class Engine:
         cross_attention_kwargs: dict | None = None,
         scheduler_options: dict | None = None,
         memory_limit_gb: float | None = None,
+        callback=None,
+        callback_steps: int = 1,
+        preview: str = "latents",
     ) -> GenerateResult:
         """Generate images for `prompt` (a string or a list). `parallel` may change the
         strategy, warm-up, portion, ASG settings, CFG split ... for this request; not the world
@@ -221,7 +240,10 @@ class Engine:
         - `adapters`: {name: weight} of LoRA adapters loaded with `load_lora` for this request
           (default: every loaded adapter at its load weight).
         - `num_images_per_prompt`, `guidance_rescale`, `cross_attention_kwargs` (e.g. a LoRA
-          scale) and `scheduler_options` (e.g. {"use_karras_sigmas": True}) as in diffusers."""
+          scale) and `scheduler_options` (e.g. {"use_karras_sigmas": True}) as in diffusers.
+        - `callback(step, preview)` is called in this process every `callback_steps` steps with
+          rank 0's current latents (`preview="latents"`, a float32 numpy array) or their
+          decoded images (`preview="image"`, uint8 (B, H, W, 3)); not with the Ray launcher."""
         if parallel is not None:
             fixed = {}
             for name in ENGINE_FIELDS:  # left at its default: the engine's; set otherwise: refused
@@ -256,13 +278,15 @@ class Engine:
             num_images_per_prompt=num_images_per_prompt,
             cross_attention_kwargs=cross_attention_kwargs,
             scheduler_options=scheduler_options,
+            preview_every=_callback_steps(callback, callback_steps),
+            preview=preview,
         )
         check_request_memory(self.info, request, self.local_ranks, self.device_type, memory_limit_gb)
         with self._lock:
             self._check_no_open_stream()
             self._restart_if_failed()
             request = replace(request, lora_loads=tuple(self._lora_loads), lora_unloads=tuple(self._lora_unloads))
-            output = self._backend.run(request)
+            output = self._backend.run(request, on_preview=callback) if callback else self._backend.run(request)
             self._lora_loads, self._lora_unloads = [], []  # the ranks have them now
         if output.images is None:
             return GenerateResult(report=output.report)

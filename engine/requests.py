@@ -48,6 +48,8 @@ class GenerateRequest:
     num_images_per_prompt: int = 1
     cross_attention_kwargs: dict | None = None  # e.g. {"scale": 0.5}: LoRA strength in attention
     scheduler_options: tuple = ()  # (name, value) pairs for the scheduler, e.g. use_karras_sigmas
+    preview_every: int = 0  # rank 0 hands the caller a preview every k steps (0: none)
+    preview: str = "latents"  # "latents" (the current latents) or "image" (them decoded)
     adapters: tuple[tuple[str, float], ...] | None = None  # None: every loaded adapter at its scale
     lora_loads: tuple = ()  # (name, path or state dict, scale) to load before this request
     lora_unloads: tuple[str, ...] = ()
@@ -69,6 +71,9 @@ def _positive_int(value, what: str) -> int:
     if not is_int(value) or value < 1:
         raise ConfigError(f"{what} must be a positive integer, got {value!r}")
     return value
+
+
+PREVIEWS = ("latents", "image")
 
 
 def check_scheduler_options(options, scheduler) -> tuple:
@@ -112,6 +117,8 @@ def build_request(
     num_images_per_prompt=1,
     cross_attention_kwargs=None,
     scheduler_options=None,
+    preview_every=0,
+    preview="latents",
 ) -> GenerateRequest:
     parallel = parallel.validate()
     if getattr(info, "kind", "image") == "video":
@@ -148,6 +155,10 @@ def build_request(
         resolve_scheduler(scheduler, info.pipeline)
     options = check_scheduler_options(scheduler_options, scheduler)
     per_prompt = _positive_int(num_images_per_prompt, "num_images_per_prompt")
+    if not is_int(preview_every) or preview_every < 0:
+        raise ConfigError(f"callback_steps must be a positive integer, got {preview_every!r}")
+    if preview not in PREVIEWS:
+        raise ConfigError(f"preview must be one of {', '.join(PREVIEWS)}, got {preview!r}")
     if per_prompt > 1 and strategy.runner == "tiles":
         raise ConfigError("asg makes one image per prompt; repeat the prompt in a list instead")
     if cross_attention_kwargs is not None and (
@@ -202,5 +213,7 @@ def build_request(
         num_images_per_prompt=per_prompt,
         cross_attention_kwargs=dict(cross_attention_kwargs) if cross_attention_kwargs else None,
         scheduler_options=options,
+        preview_every=preview_every,
+        preview=preview,
         **addons,
     )

@@ -116,6 +116,24 @@ def check_lora(name, source, weight, info) -> None:
         raise ConfigError(f"adapter {name!r}: {path} does not exist")
 
 
+def check_setup(setup, model: str) -> None:
+    """A per-rank setup function the ranks can receive: callable and picklable."""
+    if setup is None:
+        return
+    if not callable(setup):
+        raise ConfigError(f"setup must be a function taking the pipeline, got {type(setup).__name__}")
+    from engine.models.video import is_video_model
+
+    if is_video_model(model):
+        raise ConfigError(f"{model} is a streaming video model: setup= applies to image pipelines")
+    import pickle
+
+    try:
+        pickle.dumps(setup)
+    except Exception as exc:  # lambdas, closures, functions defined in __main__ of an interactive session
+        raise ConfigError(f"setup must be picklable to reach spawned ranks (a top-level function in a module): {exc}") from None
+
+
 def pipeline_for(pipe, request, controlnet, cache: dict):
     """The diffusers pipeline for the request's workflow, sharing `pipe`'s components;
     `controlnet`: None, a ControlNetModel or a MultiControlNetModel."""

@@ -16,8 +16,9 @@ class Backend(Protocol):
     closed: bool
     info: object  # the model's ModelInfo / VideoInfo, as the ranks loaded it
 
-    def run(self, request) -> object:
-        """Run one image request on every rank; rank 0's RankOutput (a torchrun rank: its own)."""
+    def run(self, request, on_preview=None) -> object:
+        """Run one image request on every rank; rank 0's RankOutput (a torchrun rank: its own).
+        `on_preview(step, preview)` receives rank 0's previews, if the request asks for them."""
 
     def stream(self, request) -> Iterator[tuple[int, list, float]]:
         """A stream request: (chunk, frames, seconds) as the decoding rank produces them;

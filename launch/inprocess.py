@@ -9,7 +9,7 @@ from parallel.config import ParallelConfig
 class InProcess:
     """Serial, or one rank of a torchrun job: the runtime lives in this process."""
 
-    def __init__(self, model, parallel: ParallelConfig, rank, world, local_rank, device, dtype):
+    def __init__(self, model, parallel: ParallelConfig, rank, world, local_rank, device, dtype, setup=None):
         from engine.runtime.image import make_runtime
 
         self.watch = None
@@ -23,7 +23,7 @@ class InProcess:
                 self.watch = FailureWatch(rank, *address)
         try:
             topo = groups.init_distributed(rank, world, local_rank, device, parallel.comm_timeout_s)
-            self.runtime = make_runtime(model, topo, dtype)
+            self.runtime = make_runtime(model, topo, dtype, setup)
         except BaseException as exc:
             self._report(exc)
             raise
@@ -33,12 +33,15 @@ class InProcess:
         if self.watch is not None:
             self.watch.report(exc)
 
-    def run(self, request):
+    def run(self, request, on_preview=None):
+        self.runtime.preview_sink = on_preview
         try:
             return self.runtime.run(request)
         except BaseException as exc:
             self._report(exc)
             raise
+        finally:
+            self.runtime.preview_sink = None
 
     def stream(self, request):
         try:

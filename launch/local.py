@@ -33,7 +33,7 @@ def _exit_description(code: int) -> str:
 
 
 class LocalLauncher:
-    def __init__(self, model, parallel, world_size: int, device=None, dtype=None):
+    def __init__(self, model, parallel, world_size: int, device=None, dtype=None, setup=None):
         self.world_size = world_size
         self._store = listening_store("127.0.0.1", parallel.comm_timeout_s)  # loopback only
         ctx = mp.get_context("spawn")
@@ -45,7 +45,7 @@ class LocalLauncher:
             ctx.Process(
                 target=worker_main,
                 args=(rank, world_size, self._store.port, model, parallel, device, dtype, self._requests[rank], self._results,
-                      (self._stop, self._consumed)),
+                      (self._stop, self._consumed), setup),
                 name=f"tessera-rank{rank}",
                 daemon=True,
             )
@@ -55,6 +55,7 @@ class LocalLauncher:
             p.start()
         self.closed = False
         self.last_reports: list = []  # every rank's report of the last stream
+        self._on_preview = None  # the caller's preview callback during a request
         try:
             self.info = self._collect("ready", START_TIMEOUT_S)[0]
         except RankFailedError as exc:
@@ -71,8 +72,9 @@ class LocalLauncher:
         if self.closed:
             raise RankFailedError("this engine's ranks are stopped; call engine.restart() or make a new engine")
 
-    def run(self, request):
+    def run(self, request, on_preview=None):
         self._check_running()
+        self._on_preview = on_preview
         for q in self._requests:
             q.put(request)
         try:
@@ -123,6 +125,10 @@ class LocalLauncher:
                 continue
             if kind in ("error", "request_error"):
                 self._on_error(rank, kind, payload)
+            if kind == "preview":
+                if self._on_preview is not None:
+                    self._on_preview(*payload)
+                continue
             return kind, rank, payload
 
     def _collect(self, kind: str, timeout_s: float | None) -> dict:

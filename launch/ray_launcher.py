@@ -68,7 +68,7 @@ class RankActor:
     def pid(self) -> int:
         return os.getpid()
 
-    def start(self, rank, world, local_rank, local_world, master, model, parallel, device, dtype):
+    def start(self, rank, world, local_rank, local_world, master, model, parallel, device, dtype, setup=None):
         os.environ.update(
             MASTER_ADDR=master[0], MASTER_PORT=str(master[1]), RANK=str(rank), WORLD_SIZE=str(world),
             LOCAL_RANK=str(local_rank), LOCAL_WORLD_SIZE=str(local_world),
@@ -86,7 +86,7 @@ class RankActor:
         store = self._store if rank == 0 else client_store(master[0], master[1], parallel.comm_timeout_s)
         # The GPU Ray assigned to this actor (ray.get_gpu_ids()), not one derived from ranks.
         topo = init_distributed(rank, world, ray_local_gpu(local_rank), device, parallel.comm_timeout_s, store=store)
-        self.runtime = make_runtime(model, topo, dtype)
+        self.runtime = make_runtime(model, topo, dtype, setup)
         return self.runtime.info
 
     def run(self, request):
@@ -148,7 +148,7 @@ def _summary(exc: BaseException) -> tuple[str, str]:
 
 
 class RayLauncher:
-    def __init__(self, model, parallel, world_size: int, device=None, dtype=None, address=None):
+    def __init__(self, model, parallel, world_size: int, device=None, dtype=None, address=None, setup=None):
         ray = self._ray = import_ray()
         started = time.perf_counter()
         self.world_size = world_size
@@ -169,7 +169,7 @@ class RayLauncher:
                 self._private = True
             self._owns_ray = True
         try:
-            self._start(model, parallel, device, dtype)
+            self._start(model, parallel, device, dtype, setup)
         except BaseException:
             self.close(graceful=False)
             raise
@@ -192,7 +192,7 @@ class RayLauncher:
                               f"one each (start nodes with more --num-cpus, or use fewer ranks)")
         return [dict(bundle) for _ in range(self.world_size)], bundle
 
-    def _start(self, model, parallel, device, dtype) -> None:
+    def _start(self, model, parallel, device, dtype, setup=None) -> None:
         ray = self._ray
         from ray.util.placement_group import placement_group, placement_group_table
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -233,14 +233,17 @@ class RayLauncher:
         host = self.nodes[0][1]
         master = (host, self._gather([self._actors[0].host_store.remote(host, parallel.comm_timeout_s)], "host_store", 60)[0])
         starts = [
-            actor.start.remote(rank, self.world_size, local, local_world, master, model, parallel, device, dtype)
+            actor.start.remote(rank, self.world_size, local, local_world, master, model, parallel, device, dtype, setup)
             for rank, (actor, (_, local, local_world)) in enumerate(zip(self._actors, placement))
         ]
         self.info = self._gather(starts, "start", START_TIMEOUT_S)[0]
         self.master = master
 
     # -- requests -----------------------------------------------------------------------
-    def run(self, request):
+    def run(self, request, on_preview=None):
+        if on_preview is not None:  # nothing carries them from an actor to the caller yet
+            raise ConfigError("previews (generate(callback=...)) need the local launcher, torchrun or one rank; "
+                              "the Ray launcher does not deliver them")
         if self.closed:
             raise RankFailedError("this engine's Ray actors are stopped; call engine.restart() or make a new engine")
         refs = [actor.run.remote(request) for actor in self._actors]

@@ -68,7 +68,8 @@ def _thread_lock_for_progress_bars() -> None:
     tqdm.set_lock(threading.RLock())
 
 
-def worker_main(rank, world_size, store_port, model, parallel, device, dtype, requests, results, control=None):
+def worker_main(rank, world_size, store_port, model, parallel, device, dtype, requests, results, control=None,
+                setup=None):
     """Entry point of a spawned rank. Talks to the parent only through two queues (and, for
     streams, a stop event and a consumed-chunks counter in `control`)."""
     os.environ.update(
@@ -100,8 +101,10 @@ def worker_main(rank, world_size, store_port, model, parallel, device, dtype, re
         watch = FailureWatch(rank, "127.0.0.1", store_port, exit_on_store_loss=True)
         store = client_store("127.0.0.1", store_port, parallel.comm_timeout_s)
         topo = init_distributed(rank, world_size, rank, device, parallel.comm_timeout_s, store=store)
-        runtime = make_runtime(model, topo, dtype)
+        runtime = make_runtime(model, topo, dtype, setup)
         results.put(("ready", rank, runtime.info))
+        if rank == 0:  # previews (generate(callback=...)) go to the parent with the results
+            runtime.preview_sink = lambda step, preview: results.put(("preview", rank, (step, preview)))
         while True:
             request = requests.get()
             if request is None:

@@ -13,11 +13,30 @@ SYNC = ParallelConfig(strategy="patch-sync", cfg_split=False)  # row bands (CFG 
 STEPS = 4
 
 
+def damp_conv_out(pipe):
+    """A per-rank setup (Engine.from_pretrained(setup=...)): every rank changes its model alike."""
+    pipe.unet.conv_out.weight.data.mul_(0.5)
+
+
 @pytest.fixture(scope="module")
 def engine():
-    e = Engine.from_pretrained("tiny-sd", parallel=ParallelConfig(strategy="patch", world_size=2))
+    e = Engine.from_pretrained("tiny-sd", parallel=ParallelConfig(strategy="patch", world_size=2), setup=damp_conv_out)
     yield e
     e.close()
+
+
+def test_the_setup_function_ran_on_every_rank_before_the_install(engine, pool):
+    kwargs = dict(height=64, width=64, num_inference_steps=2, seed=5, progress=False)
+    mine = exact(engine, **kwargs)  # exact: the ranks and rank 0's serial run all have the change
+    plain = pool.serial_engine("tiny-sd").generate("a red circle", **kwargs)
+    assert rel_l2(mine.latents.numpy(), plain.latents.numpy()) > 1e-3
+
+
+def test_a_setup_that_cannot_reach_the_ranks_is_refused():
+    from engine import ConfigError
+
+    with pytest.raises(ConfigError, match="setup must be picklable"):
+        Engine.from_pretrained("tiny-sd", parallel=ParallelConfig(world_size=2), setup=lambda pipe: None)
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +51,8 @@ def pictures():
 
 
 def exact(engine, **kwargs):
-    kwargs.setdefault("parallel", SYNC)
-    result = engine.generate("a red circle", num_inference_steps=STEPS, seed=5, progress=False, compare_serial=True,
-                             **kwargs)
+    kwargs = {"parallel": SYNC, "num_inference_steps": STEPS, "seed": 5, "progress": False, **kwargs}
+    result = engine.generate("a red circle", compare_serial=True, **kwargs)
     err = result.report["vs_serial"]["latent_rel_l2"]
     assert err <= 1e-5, f"differs from serial: rel L2 {err:.2e}"
     return result
@@ -103,3 +121,15 @@ def test_dit_img2img_is_exact(pool, pictures):
     image, _, _ = pictures
     engine = pool.parallel_engine("tiny-sd3", 2)
     exact(engine, image=image, strength=0.7)
+
+
+def test_previews_reach_the_caller_from_rank_0(engine):
+    seen = []
+    result = engine.generate("a red circle", height=64, width=64, num_inference_steps=4, seed=5, progress=False,
+                             callback=lambda step, preview: seen.append((step, preview)), callback_steps=2)
+    assert [step for step, _ in seen] == [1, 3]
+    np.testing.assert_allclose(seen[-1][1], result.latents.numpy(), rtol=0, atol=0)  # the last one is the result
+    images = []
+    engine.generate("a red circle", height=64, width=64, num_inference_steps=2, seed=5, progress=False,
+                    callback=lambda step, preview: images.append(preview), preview="image")
+    assert len(images) == 2 and images[0].shape == (1, 64, 64, 3) and images[0].dtype == np.uint8

@@ -103,24 +103,47 @@ def _injected_fault(rank: int, prompt: str):
     return callback
 
 
-def make_runtime(model: str, topo: Topology, dtype: torch.dtype | None = None):
-    """The runtime for `model`: a streaming video runtime or the image runtime."""
+def _preview(runtime, request):
+    """The pipeline callback that hands rank 0's previews to `runtime.preview_sink` (None when
+    the request asks for none, or on other ranks). A preview is what the caller asked for,
+    so its device-to-host copy is the one sync it costs."""
+    sink = runtime.preview_sink
+    if not request.preview_every or sink is None or runtime.topo.rank != 0:
+        return None
+
+    def callback(pipe, step, timestep, kwargs):
+        if (step + 1) % request.preview_every == 0:
+            latents = kwargs["latents"]
+            if request.preview == "image":
+                sink(step, decode_latents(pipe, spatial_latents(pipe, latents, request.height, request.width)))
+            else:
+                sink(step, latents.float().cpu().numpy())
+        return kwargs
+
+    return callback
+
+
+def make_runtime(model: str, topo: Topology, dtype: torch.dtype | None = None, setup=None):
+    """The runtime for `model`: a streaming video runtime or the image runtime. `setup(pipe)`
+    (image models) runs on the loaded pipeline before the parallel layers are installed."""
     from engine.models.video import is_video_model
 
     if is_video_model(model):
         from engine.runtime.video import VideoRuntime
 
         return VideoRuntime(model, topo, dtype)
-    return RankRuntime(model, topo, dtype)
+    return RankRuntime(model, topo, dtype, setup)
 
 
 class RankRuntime:
-    def __init__(self, model: str, topo: Topology, dtype: torch.dtype | None = None):
+    def __init__(self, model: str, topo: Topology, dtype: torch.dtype | None = None, setup=None):
         self.model = model
         self.topo = topo
         injected_delay(topo.rank, "load")
         self.pipe = load_pipeline(model, topo.device, dtype)
         self.pipe.set_progress_bar_config(disable=True)
+        if setup is not None:  # the caller's changes (processors, fused QKV, ...), before the install checks them
+            setup(self.pipe)
         # Peers may load for longer than any collective's timeout: meet in the store first
         # (new_group and the weight check below are collective).
         store_barrier(topo, "loaded")
@@ -144,6 +167,7 @@ class RankRuntime:
         self.addons = AddOns(self.pipe, topo, self.stats, self.ctx, dtype)
         self._controlnet = None  # the request's ControlNet(s), set per request
         self._progress = dict(disable=True)  # the pipeline's progress bar, set per request
+        self.preview_sink = None  # rank 0: sink(step, preview) delivers previews to the caller
 
     def _install_parallel_decode(self) -> None:
         """With several ranks, every rank decodes a row band of the final latents, with its
@@ -184,7 +208,7 @@ class RankRuntime:
     def _denoise(self, request: GenerateRequest) -> torch.Tensor:
         generator = torch.Generator(device="cpu").manual_seed(request.seed)
         extra = {}
-        callbacks = [c for c in (_injected_fault(self.topo.rank, request.prompt[0]), _host_sync_watch(request.parallel)) if c]
+        callbacks = [c for c in (_preview(self, request), _injected_fault(self.topo.rank, request.prompt[0]), _host_sync_watch(request.parallel)) if c]
         if callbacks:
             extra["callback_on_step_end"] = _chain(callbacks)
         pipe = pipeline_for(self.pipe, request, self._controlnet, self.addons.pipelines)
