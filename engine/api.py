@@ -224,6 +224,8 @@ class Engine:
         callback=None,
         callback_steps: int = 1,
         preview: str = "latents",
+        denoising_start: float | None = None,
+        denoising_end: float | None = None,
     ) -> GenerateResult:
         """Generate images for `prompt` (a string or a list). `parallel` may change the
         strategy, warm-up, portion, ASG settings, CFG split ... for this request; not the world
@@ -243,7 +245,9 @@ class Engine:
           scale) and `scheduler_options` (e.g. {"use_karras_sigmas": True}) as in diffusers.
         - `callback(step, preview)` is called in this process every `callback_steps` steps with
           rank 0's current latents (`preview="latents"`, a float32 numpy array) or their
-          decoded images (`preview="image"`, uint8 (B, H, W, 3)); not with the Ray launcher."""
+          decoded images (`preview="image"`, uint8 (B, H, W, 3)); not with the Ray launcher.
+        - SDXL base and refiner: `denoising_end=0.8` stops the base there (its `result.latents`
+          are the hand-over); the refiner's engine takes them as `image=` with `denoising_start=0.8`."""
         if parallel is not None:
             fixed = {}
             for name in ENGINE_FIELDS:  # left at its default: the engine's; set otherwise: refused
@@ -280,6 +284,8 @@ class Engine:
             scheduler_options=scheduler_options,
             preview_every=_callback_steps(callback, callback_steps),
             preview=preview,
+            denoising_start=denoising_start,
+            denoising_end=denoising_end,
         )
         check_request_memory(self.info, request, self.local_ranks, self.device_type, memory_limit_gb)
         with self._lock:

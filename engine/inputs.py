@@ -54,6 +54,26 @@ def mask_array(value, what: str = "mask_image") -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
+def is_latents(value) -> bool:
+    """A (B, C, h, w) float tensor or array: latents handed over from another run (the SDXL
+    base's output for its refiner, with denoising_end / denoising_start)."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.is_floating_point()
+    return isinstance(value, np.ndarray) and value.dtype.kind == "f"
+
+
+def latent_array(value, channels: int, what: str = "image") -> np.ndarray:
+    """(B, C, h, w) float32 latents with the model's `channels`."""
+    import torch
+
+    array = value.detach().float().cpu().numpy() if isinstance(value, torch.Tensor) else value.astype(np.float32)
+    if array.ndim != 4 or array.shape[1] != channels or not np.isfinite(array).all():
+        raise ConfigError(f"{what}: latents must be a finite (batch, {channels}, h, w) float tensor, got shape {array.shape}")
+    return np.ascontiguousarray(array)
+
+
 def to_pil(array: np.ndarray):
     from PIL import Image
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from engine.models import ModelInfo, resolve_scheduler
-from engine.workflows import check_workflow, workflow_of
+from engine.workflows import check_workflow, image_size, workflow_of
 from parallel.patch.bands import BandPlan
 from parallel.config import ConfigError, ParallelConfig, is_int, is_number
 from parallel.registry import strategy_of
@@ -38,7 +38,7 @@ class GenerateRequest:
     compare_serial: bool = False
     progress: bool = True
     # Add-on workflows (engine.workflows): init image / mask, ControlNets, LoRA adapters.
-    image: np.ndarray | None = None  # (H, W, 3) uint8: img2img, or the image to inpaint
+    image: np.ndarray | None = None  # (H, W, 3) uint8 (img2img, inpainting) or (B, C, h, w) float32 latents
     mask_image: np.ndarray | None = None  # (H, W) uint8: inpainting, 255 = repaint
     strength: float | None = None
     controlnets: tuple[str, ...] = ()
@@ -48,6 +48,8 @@ class GenerateRequest:
     num_images_per_prompt: int = 1
     cross_attention_kwargs: dict | None = None  # e.g. {"scale": 0.5}: LoRA strength in attention
     scheduler_options: tuple = ()  # (name, value) pairs for the scheduler, e.g. use_karras_sigmas
+    denoising_start: float | None = None  # SDXL refiner: continue from here (image: the base's latents)
+    denoising_end: float | None = None  # SDXL base: stop here and hand the latents to a refiner
     preview_every: int = 0  # rank 0 hands the caller a preview every k steps (0: none)
     preview: str = "latents"  # "latents" (the current latents) or "image" (them decoded)
     adapters: tuple[tuple[str, float], ...] | None = None  # None: every loaded adapter at its scale
@@ -119,6 +121,8 @@ def build_request(
     scheduler_options=None,
     preview_every=0,
     preview="latents",
+    denoising_start=None,
+    denoising_end=None,
 ) -> GenerateRequest:
     parallel = parallel.validate()
     if getattr(info, "kind", "image") == "video":
@@ -131,10 +135,12 @@ def build_request(
     world = parallel.world_size or 1
     prompts = _prompts(prompt, "prompt")
     addons = check_workflow(info, strategy, image, mask_image, strength, controlnet, control_image,
-                            controlnet_conditioning_scale, guidance_rescale, adapters, loaded_adapters)
+                            controlnet_conditioning_scale, guidance_rescale, adapters, loaded_adapters,
+                            denoising_start, denoising_end)
     if addons["image"] is not None:  # the pipelines resize it to the request's size; by default its own
-        height = addons["image"].shape[0] if height is None else height
-        width = addons["image"].shape[1] if width is None else width
+        image_h, image_w = image_size(info, addons["image"])
+        height = image_h if height is None else height
+        width = image_w if width is None else width
     height = info.native_size if height is None else _positive_int(height, "height")
     width = info.native_size if width is None else _positive_int(width, "width")
     steps = _positive_int(num_inference_steps, "num_inference_steps")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from engine.inputs import mask_array, rgb_array, to_pil
+from engine.inputs import is_latents, latent_array, mask_array, rgb_array, to_pil
 from parallel.errors import ConfigError
 
 # Base pipeline -> the workflows this engine runs with it (diffusers has the pipeline and
@@ -40,14 +40,40 @@ def _supports(info, what: str) -> None:
         raise ConfigError(f"{info.name} ({info.pipeline}) does not run {what} here (it supports: {have})")
 
 
+# Pipelines that hand over between a base and a refiner (denoising_end / denoising_start).
+HANDOFF_PIPELINES = ("StableDiffusionXLPipeline",)
+
+
+def image_size(info, image: np.ndarray) -> tuple[int, int]:
+    """(height, width) in pixels of an init image or of handed-over latents."""
+    if image.ndim == 4:
+        return image.shape[2] * info.vae_scale_factor, image.shape[3] * info.vae_scale_factor
+    return image.shape[0], image.shape[1]
+
+
+def _check_handoff(info, image, denoising_start, denoising_end) -> dict:
+    for what, value in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
+        if value is not None:
+            if info.pipeline not in HANDOFF_PIPELINES:
+                raise ConfigError(f"{what} hands over between an SDXL base and refiner; {info.name} is a {info.pipeline}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+                raise ConfigError(f"{what} must be a number in (0, 1), got {value!r}")
+    if denoising_start is not None and image is None:
+        raise ConfigError("denoising_start needs image: the latents (or picture) the refiner continues from")
+    if denoising_start is not None and denoising_end is not None and denoising_end <= denoising_start:
+        raise ConfigError(f"denoising_end {denoising_end} must come after denoising_start {denoising_start}")
+    return {"denoising_start": None if denoising_start is None else float(denoising_start),
+            "denoising_end": None if denoising_end is None else float(denoising_end)}
+
+
 def check_workflow(info, strategy, image, mask_image, strength, controlnets, control_image, scales,
-                   guidance_rescale, adapters, loaded_adapters) -> dict:
+                   guidance_rescale, adapters, loaded_adapters, denoising_start=None, denoising_end=None) -> dict:
     """The request's add-on fields, validated and converted (images to uint8 arrays)."""
     out = {"image": None, "mask_image": None, "strength": None, "controlnets": (), "control_images": (),
            "controlnet_scales": (), "guidance_rescale": _fraction(guidance_rescale, "guidance_rescale", False),
-           "adapters": None}
+           "adapters": None, **_check_handoff(info, image, denoising_start, denoising_end)}
     if image is not None:
-        out["image"] = rgb_array(image, "image")
+        out["image"] = latent_array(image, info.latent_channels) if is_latents(image) else rgb_array(image, "image")
     if mask_image is not None:
         if image is None:
             raise ConfigError("mask_image needs image (the picture to inpaint)")
@@ -78,7 +104,7 @@ def check_workflow(info, strategy, image, mask_image, strength, controlnets, con
                 raise ConfigError(f"controlnet_conditioning_scale must be finite numbers, got {s!r}")
         out.update(controlnets=specs, controlnet_scales=tuple(float(s) for s in scale_list),
                    control_images=tuple(rgb_array(img, f"control_image[{i}]") for i, img in enumerate(images)))
-    if strategy.runner == "tiles" and (out["image"] is not None or specs):
+    if strategy.runner == "tiles" and (out["image"] is not None or specs or denoising_end is not None):
         raise ConfigError("asg generates from text only for now; use patch, patch-sync or pcpp with image or ControlNet inputs")
 
     if adapters is not None:
@@ -157,7 +183,13 @@ def call_kwargs(request) -> dict:
     """The pipeline arguments of the request's add-ons."""
     kwargs = {}
     if request.image is not None:
-        kwargs.update(image=to_pil(request.image), strength=request.strength)
+        import torch
+
+        image = request.image
+        kwargs.update(image=torch.from_numpy(image) if image.ndim == 4 else to_pil(image), strength=request.strength)
+    for key in ("denoising_start", "denoising_end"):
+        if getattr(request, key) is not None:
+            kwargs[key] = getattr(request, key)
     if request.mask_image is not None:
         kwargs["mask_image"] = to_pil(request.mask_image)
     if request.controlnets:

@@ -7,13 +7,14 @@ the rank and the cause, and the remaining ranks are terminated.
 
 from __future__ import annotations
 
+import os
 import queue
 import signal
 import time
 
-import torch.multiprocessing as mp
 
 from comms.groups import listening_store
+from launch.processes import rank_context
 from launch.worker import RankFailedError, RequestFailedError, worker_main
 
 PEER_STOPPED_EXIT = 3  # comms.failure.EXIT_CODE: a rank that stopped because a peer failed
@@ -36,7 +37,7 @@ class LocalLauncher:
     def __init__(self, model, parallel, world_size: int, device=None, dtype=None, setup=None):
         self.world_size = world_size
         self._store = listening_store("127.0.0.1", parallel.comm_timeout_s)  # loopback only
-        ctx = mp.get_context("spawn")
+        ctx = rank_context()
         self._results = ctx.Queue()
         self._requests = [ctx.Queue() for _ in range(world_size)]
         self._stop = ctx.Event()  # streams: the caller stopped consuming
@@ -45,7 +46,7 @@ class LocalLauncher:
             ctx.Process(
                 target=worker_main,
                 args=(rank, world_size, self._store.port, model, parallel, device, dtype, self._requests[rank], self._results,
-                      (self._stop, self._consumed), setup),
+                      (self._stop, self._consumed), setup, dict(os.environ)),
                 name=f"tessera-rank{rank}",
                 daemon=True,
             )

@@ -69,9 +69,14 @@ def _thread_lock_for_progress_bars() -> None:
 
 
 def worker_main(rank, world_size, store_port, model, parallel, device, dtype, requests, results, control=None,
-                setup=None):
-    """Entry point of a spawned rank. Talks to the parent only through two queues (and, for
-    streams, a stop event and a consumed-chunks counter in `control`)."""
+                setup=None, env=None):
+    """Entry point of a started rank. Talks to the parent only through two queues (and, for
+    streams, a stop event and a consumed-chunks counter in `control`). `env`: the caller's
+    environment (launch.processes.adopt_environment)."""
+    if env is not None:
+        from launch.processes import adopt_environment
+
+        adopt_environment(env)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(store_port),

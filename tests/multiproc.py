@@ -9,17 +9,20 @@ its ranks down (a peer may be stuck in a collective); the next call spawns fresh
 from __future__ import annotations
 
 import atexit
+import os
 import datetime
 import queue
 import traceback
 
-import torch.multiprocessing as mp
 
 from comms.groups import free_port
+from launch.processes import adopt_environment, rank_context
 
 
-def _serve(rank, world, port, requests, results):
+def _serve(rank, world, port, requests, results, env):
     import torch.distributed as dist
+
+    adopt_environment(env)
 
     try:
         dist.init_process_group(
@@ -43,12 +46,13 @@ def _serve(rank, world, port, requests, results):
 
 class _Ranks:
     def __init__(self, world: int):
-        ctx = mp.get_context("spawn")
+        ctx = rank_context()
         self.world = world
         self.results = ctx.Queue()
         self.requests = [ctx.Queue() for _ in range(world)]
         port = free_port()
-        self.procs = [ctx.Process(target=_serve, args=(r, world, port, self.requests[r], self.results), daemon=True)
+        env = dict(os.environ)
+        self.procs = [ctx.Process(target=_serve, args=(r, world, port, self.requests[r], self.results, env), daemon=True)
                       for r in range(world)]
         for p in self.procs:
             p.start()

@@ -59,13 +59,25 @@ def _listening(inodes) -> list[tuple[str, str]]:
     return found
 
 
-def _is_rank(pid: int) -> bool:
+def _cmdline(pid: int) -> bytes:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmd = f.read()
+            return f.read()
     except OSError:
-        return False
-    return b"multiprocessing" in cmd and b"resource_tracker" not in cmd
+        return b""
+
+
+def _ranks(parent: int) -> list[int]:
+    """The rank processes under `parent`: spawned children, or the children of the fork
+    server (launch/processes.py), which share its command line."""
+    ranks = []
+    for child in _children(parent):
+        cmd = _cmdline(child)
+        if b"forkserver" in cmd:
+            ranks += _children(child)
+        elif b"multiprocessing" in cmd and b"resource_tracker" not in cmd:
+            ranks.append(child)
+    return ranks
 
 
 def _gone(pid: int) -> bool:
@@ -90,7 +102,7 @@ def test_local_run_listens_on_loopback_only_and_ctrl_c_stops_it(tmp_path):
             assert proc.poll() is None and time.monotonic() < deadline, bytes(err).decode()[-2000:]
             time.sleep(0.2)
         pids = [proc.pid, *_children(proc.pid)]
-        ranks = [p for p in pids if _is_rank(p)]
+        ranks = _ranks(proc.pid)
         assert len(ranks) == 2
         listening = _listening(_socket_inodes(pids))
         assert listening, "no listening socket found (the store at least should listen)"

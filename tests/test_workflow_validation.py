@@ -44,6 +44,13 @@ def _req(model="tiny-sd", strategy="patch", **kw):
     (dict(model="tiny-pixart", image=IMG), r"tiny-pixart \(PixArtSigmaPipeline\) does not run img2img"),
     (dict(model="tiny-sd3", controlnet="tiny-controlnet", control_image=IMG), "does not run controlnet"),
     (dict(model="tiny-sd3", scheduler="EulerDiscreteScheduler"), "use a FlowMatch"),
+    (dict(denoising_end=0.8), "hands over between an SDXL base and refiner"),
+    (dict(model="tiny-sdxl", denoising_start=0.8), "denoising_start needs image"),
+    (dict(model="tiny-sdxl", denoising_end=1.0), r"denoising_end must be a number in \(0, 1\)"),
+    (dict(model="tiny-sdxl", image=np.zeros((1, 16, 8, 8), np.float32), denoising_start=0.5),
+     r"latents must be a finite \(batch, 4, h, w\)"),
+    (dict(preview_every=-1), "callback_steps must be a positive integer"),
+    (dict(preview_every=1, preview="video"), "preview must be one of latents, image"),
 ])
 def test_bad_workflow_input_is_refused(kwargs, message):
     with pytest.raises(ConfigError, match=message):

@@ -133,3 +133,13 @@ def test_previews_reach_the_caller_from_rank_0(engine):
     engine.generate("a red circle", height=64, width=64, num_inference_steps=2, seed=5, progress=False,
                     callback=lambda step, preview: images.append(preview), preview="image")
     assert len(images) == 2 and images[0].shape == (1, 64, 64, 3) and images[0].dtype == np.uint8
+
+
+def test_sdxl_controlnet_and_the_refiner_handoff_are_exact(pool, pictures):
+    _, control, _ = pictures
+    engine = pool.parallel_engine("tiny-sdxl", 2)
+    exact(engine, height=64, width=64, controlnet="tiny-sdxl-controlnet", control_image=control)
+    base = exact(engine, height=64, width=64, num_inference_steps=6, denoising_end=0.5)
+    refined = exact(engine, image=base.latents, num_inference_steps=6, denoising_start=0.5)  # the refiner's part
+    assert refined.latents.shape == base.latents.shape
+    assert rel_l2(refined.latents.numpy(), base.latents.numpy()) > 1e-3

@@ -15,6 +15,7 @@ class ModelInfo:
     align: int  # latent rows per smallest patch band (UNet downsampling factor; DiT: rows per token row)
     native_size: int  # default height/width in pixels
     does_cfg: bool = True  # False for guidance-embedded models (LCM UNets, Flux): never batch uncond/cond
+    latent_channels: int = 4  # the VAE's (16 for SD3 and Flux)
 
     @property
     def pixel_align(self) -> int:

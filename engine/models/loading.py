@@ -126,7 +126,7 @@ def _info_from_configs(name: str, pipeline: str, denoiser: str, config: dict, va
         sample = config["sample_size"]
         does_cfg = config.get("time_cond_proj_dim") is None
     sample = sample[0] if isinstance(sample, (list, tuple)) else sample
-    return ModelInfo(name, pipeline, vae_factor, align, sample * vae_factor, does_cfg)
+    return ModelInfo(name, pipeline, vae_factor, align, sample * vae_factor, does_cfg, vae.get("latent_channels", 4))
 
 
 def denoiser_of(pipe):

@@ -99,12 +99,12 @@ PRESET_INFO = {
     "tiny-sd": ModelInfo("tiny-sd", "StableDiffusionPipeline", 8, 4, 256),
     "tiny-sdxl": ModelInfo("tiny-sdxl", "StableDiffusionXLPipeline", 8, 4, 256),
     "tiny-pixart": ModelInfo("tiny-pixart", "PixArtSigmaPipeline", 8, 2, 256),
-    "tiny-sd3": ModelInfo("tiny-sd3", "StableDiffusion3Pipeline", 8, 2, 256),
-    "tiny-flux": ModelInfo("tiny-flux", "FluxPipeline", 8, 2, 1024, does_cfg=False),
+    "tiny-sd3": ModelInfo("tiny-sd3", "StableDiffusion3Pipeline", 8, 2, 256, latent_channels=16),
+    "tiny-flux": ModelInfo("tiny-flux", "FluxPipeline", 8, 2, 1024, does_cfg=False, latent_channels=16),
     # Layout presets keep the published sample sizes: 1024 px by default, as the real models.
     "sdxl-layout": ModelInfo("sdxl-layout", "StableDiffusionXLPipeline", 8, 4, 1024),
     "pixart-layout": ModelInfo("pixart-layout", "PixArtSigmaPipeline", 8, 2, 1024),
-    "flux-layout": ModelInfo("flux-layout", "FluxPipeline", 8, 2, 1024, does_cfg=False),
+    "flux-layout": ModelInfo("flux-layout", "FluxPipeline", 8, 2, 1024, does_cfg=False, latent_channels=16),
 }
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
