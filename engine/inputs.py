@@ -60,8 +60,8 @@ def is_latents(value) -> bool:
     import torch
 
     if isinstance(value, torch.Tensor):
-        return value.is_floating_point()
-    return isinstance(value, np.ndarray) and value.dtype.kind == "f"
+        return value.is_floating_point() and value.ndim == 4
+    return isinstance(value, np.ndarray) and value.dtype.kind == "f" and value.ndim == 4
 
 
 def latent_array(value, channels: int, what: str = "image") -> np.ndarray:
