@@ -29,7 +29,7 @@ from engine.budget import check_request_memory
 from engine.models import check_model_spec
 from engine.quiet import quiet_libraries
 from engine.requests import build_request
-from engine.workflows import check_lora, check_setup
+from engine.workflows import check_ip_adapter, check_lora, check_setup
 from engine.results import GenerateResult, VideoStream
 from launch.backend import Backend
 from launch.inprocess import InProcess
@@ -109,6 +109,9 @@ class Engine:
         self.adapters: dict[str, float] = {}  # name -> default weight, as the ranks will have them
         self._lora_loads: list = []
         self._lora_unloads: list = []
+        self.ip_adapter = None  # the loaded IP-Adapter's source, as the ranks will have it
+        self._ip_adapter_loads: list = []
+        self._ip_adapter_unload = False
         self.auto_restart = False  # bring a failed group back before the next request
         self._closed = False  # closed by the caller (never auto-restarted)
         self.device_type = "cpu"  # what the ranks compute on, for the memory bound
@@ -226,6 +229,7 @@ class Engine:
         preview: str = "latents",
         denoising_start: float | None = None,
         denoising_end: float | None = None,
+        ip_adapter_image=None,
     ) -> GenerateResult:
         """Generate images for `prompt` (a string or a list). `parallel` may change the
         strategy, warm-up, portion, ASG settings, CFG split ... for this request; not the world
@@ -247,7 +251,8 @@ class Engine:
           rank 0's current latents (`preview="latents"`, a float32 numpy array) or their
           decoded images (`preview="image"`, uint8 (B, H, W, 3)); not with the Ray launcher.
         - SDXL base and refiner: `denoising_end=0.8` stops the base there (its `result.latents`
-          are the hand-over); the refiner's engine takes them as `image=` with `denoising_start=0.8`."""
+          are the hand-over); the refiner's engine takes them as `image=` with `denoising_start=0.8`.
+        - `ip_adapter_image`: the image prompt of the IP-Adapter loaded with `load_ip_adapter`."""
         if parallel is not None:
             fixed = {}
             for name in ENGINE_FIELDS:  # left at its default: the engine's; set otherwise: refused
@@ -286,14 +291,18 @@ class Engine:
             preview=preview,
             denoising_start=denoising_start,
             denoising_end=denoising_end,
+            ip_adapter_image=ip_adapter_image,
+            ip_adapter_loaded=self.ip_adapter is not None,
         )
         check_request_memory(self.info, request, self.local_ranks, self.device_type, memory_limit_gb)
         with self._lock:
             self._check_no_open_stream()
             self._restart_if_failed()
-            request = replace(request, lora_loads=tuple(self._lora_loads), lora_unloads=tuple(self._lora_unloads))
+            request = replace(request, lora_loads=tuple(self._lora_loads), lora_unloads=tuple(self._lora_unloads),
+                              ip_adapter_loads=tuple(self._ip_adapter_loads), ip_adapter_unload=self._ip_adapter_unload)
             output = self._backend.run(request, on_preview=callback) if callback else self._backend.run(request)
             self._lora_loads, self._lora_unloads = [], []  # the ranks have them now
+            self._ip_adapter_loads, self._ip_adapter_unload = [], False
         if output.images is None:
             return GenerateResult(report=output.report)
         from PIL import Image
@@ -315,6 +324,27 @@ class Engine:
             raise ConfigError(f"adapter {name!r} is already loaded; unload_lora({name!r}) first")
         self.adapters[name] = float(weight)
         self._lora_loads.append((name, source, float(weight)))
+
+    def load_ip_adapter(self, source: str, subfolder: str | None = "models",
+                        weight_name: str | None = "ip-adapter_sd15.bin", scale: float = 1.0) -> None:
+        """Load an IP-Adapter (the preset "tiny-ip-adapter", or what diffusers'
+        `load_ip_adapter(source, subfolder, weight_name)` reads, with its image encoder) on
+        every rank with the next request; from then on requests pass `ip_adapter_image`.
+        Self-attention stays patch-parallel (the loader's rebuilt processors are wrapped again)."""
+        check_ip_adapter(source, scale, self.info)
+        if self.ip_adapter is not None:
+            raise ConfigError(f"an IP-Adapter ({self.ip_adapter}) is loaded; unload_ip_adapter() first")
+        self.ip_adapter = source
+        self._ip_adapter_loads.append((source, subfolder, weight_name, float(scale)))
+
+    def unload_ip_adapter(self) -> None:
+        if self.ip_adapter is None:
+            raise ConfigError("no IP-Adapter is loaded")
+        self.ip_adapter = None
+        if self._ip_adapter_loads:  # never reached the ranks
+            self._ip_adapter_loads = []
+        else:
+            self._ip_adapter_unload = True
 
     def unload_lora(self, name: str) -> None:
         if name not in self.adapters:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from engine.models import ModelInfo, resolve_scheduler
-from engine.workflows import check_workflow, image_size, workflow_of
+from engine.workflows import check_ip_adapter_image, check_workflow, image_size, workflow_of
 from parallel.patch.bands import BandPlan
 from parallel.config import ConfigError, ParallelConfig, is_int, is_number
 from parallel.registry import strategy_of
@@ -55,6 +55,9 @@ class GenerateRequest:
     adapters: tuple[tuple[str, float], ...] | None = None  # None: every loaded adapter at its scale
     lora_loads: tuple = ()  # (name, path or state dict, scale) to load before this request
     lora_unloads: tuple[str, ...] = ()
+    ip_adapter_loads: tuple = ()  # (source, subfolder, weight name, scale) to load before this request
+    ip_adapter_unload: bool = False  # unload the IP-Adapter before this request
+    ip_adapter_image: np.ndarray | None = None  # (H, W, 3) uint8: the image prompt of a loaded IP-Adapter
 
     @property
     def workflow(self) -> str:
@@ -123,6 +126,8 @@ def build_request(
     preview="latents",
     denoising_start=None,
     denoising_end=None,
+    ip_adapter_image=None,
+    ip_adapter_loaded=False,
 ) -> GenerateRequest:
     parallel = parallel.validate()
     if getattr(info, "kind", "image") == "video":
@@ -160,6 +165,7 @@ def build_request(
     if scheduler is not None:
         resolve_scheduler(scheduler, info.pipeline)
     options = check_scheduler_options(scheduler_options, scheduler)
+    ip_image = check_ip_adapter_image(strategy, ip_adapter_image, ip_adapter_loaded)
     per_prompt = _positive_int(num_images_per_prompt, "num_images_per_prompt")
     if not is_int(preview_every) or preview_every < 0:
         raise ConfigError(f"callback_steps must be a positive integer, got {preview_every!r}")
@@ -221,5 +227,6 @@ def build_request(
         scheduler_options=options,
         preview_every=preview_every,
         preview=preview,
+        ip_adapter_image=ip_image,
         **addons,
     )

@@ -120,6 +120,38 @@ def check_workflow(info, strategy, image, mask_image, strength, controlnets, con
     return out
 
 
+def check_ip_adapter_image(strategy, image, loaded: bool):
+    """The image prompt of a loaded IP-Adapter, as a uint8 array (None without one)."""
+    if image is None:
+        if loaded:
+            raise ConfigError("an IP-Adapter is loaded: pass ip_adapter_image, or engine.unload_ip_adapter() first")
+        return None
+    if not loaded:
+        raise ConfigError("ip_adapter_image needs an IP-Adapter: call engine.load_ip_adapter(...) first")
+    if strategy.runner == "tiles":
+        raise ConfigError("asg generates from text only for now; use patch, patch-sync or pcpp with an IP-Adapter")
+    return rgb_array(image, "ip_adapter_image")
+
+
+def check_ip_adapter(source, scale, info) -> None:
+    """An IP-Adapter the ranks can load: a preset, a directory, or a hub id."""
+    import os
+
+    from engine.models.ip_adapters import IP_ADAPTER_PRESETS
+
+    if info.pipeline not in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
+        raise ConfigError(f"{info.name}: IP-Adapters are supported on SD 1.x and SDXL pipelines, not {info.pipeline}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ConfigError(f"IP-Adapter scale must be a finite number, got {scale!r}")
+    if not isinstance(source, str) or not source:
+        raise ConfigError(f"IP-Adapter: give a preset ({', '.join(IP_ADAPTER_PRESETS)}), a directory or a hub id")
+    if source in IP_ADAPTER_PRESETS or os.path.isdir(source):
+        return
+    if source.count("/") != 1 or source.startswith((".", "/")) or \
+            os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise ConfigError(f"IP-Adapter {source!r}: not a preset, not a directory, and no hub is reachable")
+
+
 def check_lora(name, source, weight, info) -> None:
     """A LoRA adapter the ranks can load: a named file or directory that exists, or a state dict."""
     import os
@@ -200,6 +232,8 @@ def call_kwargs(request) -> dict:
         key = "control_image" if request.image is not None else "image"
         kwargs[key] = images[0] if single else images
         kwargs["controlnet_conditioning_scale"] = scales[0] if single else scales
+    if request.ip_adapter_image is not None:
+        kwargs["ip_adapter_image"] = to_pil(request.ip_adapter_image)
     if request.guidance_rescale:
         kwargs["guidance_rescale"] = request.guidance_rescale
     return kwargs

@@ -50,6 +50,9 @@ def _req(model="tiny-sd", strategy="patch", **kw):
     (dict(model="tiny-sdxl", image=np.zeros((1, 16, 8, 8), np.float32), denoising_start=0.5),
      r"latents must be a finite \(batch, 4, h, w\)"),
     (dict(preview_every=-1), "callback_steps must be a positive integer"),
+    (dict(ip_adapter_image=IMG), "ip_adapter_image needs an IP-Adapter"),
+    (dict(ip_adapter_loaded=True), "an IP-Adapter is loaded: pass ip_adapter_image"),
+    (dict(ip_adapter_image=IMG, ip_adapter_loaded=True, strategy="asg"), "asg generates from text only"),
     (dict(preview_every=1, preview="video"), "preview must be one of latents, image"),
 ])
 def test_bad_workflow_input_is_refused(kwargs, message):
@@ -74,6 +77,15 @@ def test_good_workflow_input_resolves_sizes_and_defaults():
     request = _req(image=IMG, controlnet=["tiny-controlnet"] * 2, control_image=[IMG, IMG],
                    controlnet_conditioning_scale=0.5)
     assert request.strength == 0.8 and request.controlnet_scales == (0.5, 0.5) and request.workflow == "img2img"
+
+
+def test_bad_ip_adapter_is_refused_before_loading():
+    from engine.workflows import check_ip_adapter
+
+    with pytest.raises(ConfigError, match="supported on SD 1.x and SDXL"):
+        check_ip_adapter("tiny-ip-adapter", 1.0, describe_model("tiny-pixart"))
+    with pytest.raises(ConfigError, match="no hub is reachable"):
+        check_ip_adapter("/nonexistent/ip-adapter", 1.0, describe_model("tiny-sd"))
 
 
 def test_bad_lora_is_refused_before_loading(tmp_path):

@@ -143,3 +143,17 @@ def test_sdxl_controlnet_and_the_refiner_handoff_are_exact(pool, pictures):
     refined = exact(engine, image=base.latents, num_inference_steps=6, denoising_start=0.5)  # the refiner's part
     assert refined.latents.shape == base.latents.shape
     assert rel_l2(refined.latents.numpy(), base.latents.numpy()) > 1e-3
+
+
+def test_ip_adapter_keeps_self_attention_patch_parallel_and_is_exact(engine, pictures):
+    image, control, _ = pictures
+    kwargs = dict(height=64, width=64)
+    before = exact(engine, **kwargs)
+    engine.load_ip_adapter("tiny-ip-adapter", scale=0.8)
+    a = exact(engine, ip_adapter_image=image, **kwargs)
+    assert rel_l2(a.latents.numpy(), before.latents.numpy()) > 1e-3  # the image prompt acts
+    b = exact(engine, ip_adapter_image=control, parallel=ParallelConfig(strategy="patch-sync", cfg_split=True), **kwargs)
+    assert rel_l2(a.latents.numpy(), b.latents.numpy()) > 1e-3  # and depends on the image
+    engine.unload_ip_adapter()
+    after = exact(engine, **kwargs)
+    np.testing.assert_allclose(after.latents.numpy(), before.latents.numpy(), rtol=0, atol=1e-6)

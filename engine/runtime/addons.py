@@ -63,6 +63,30 @@ class AddOns:
     def contexts(self, specs: tuple[str, ...]) -> list[PatchContext]:
         return [self.controlnets[k][1] for k in self._keys(specs)]
 
+    # -- IP-Adapter --------------------------------------------------------------
+    def _load_ip_adapter(self, source, subfolder, weight_name, scale: float) -> None:
+        from engine.models.ip_adapters import load_ip_adapter
+        from parallel.patch.install import unwrap_processors
+
+        unet = self.pipe.unet
+        unwrap_processors(unet)  # diffusers rebuilds every processor from its class, with no arguments
+        try:
+            load_ip_adapter(self.pipe, source, subfolder, weight_name)
+        finally:
+            self.denoiser_ctx.cover_new_layers()  # self-attention patch-aware again, the new convs swapped
+        self.pipe.set_ip_adapter_scale(scale)
+        self.pipelines.clear()  # workflow pipelines were built before the image encoder existed
+
+    def _unload_ip_adapter(self) -> None:
+        from parallel.patch.install import unwrap_processors
+
+        unwrap_processors(self.pipe.unet)
+        try:
+            self.pipe.unload_ip_adapter()  # sets default processors on every layer
+        finally:
+            self.denoiser_ctx.cover_new_layers()
+        self.pipelines.clear()
+
     # -- LoRA adapters -----------------------------------------------------------
     def apply_adapters(self, request) -> None:
         """Unload and load what the request says, then activate its adapters."""
@@ -77,6 +101,10 @@ class AddOns:
             # peft adds its own layers (a 3x3 LoRA conv is a plain Conv2d that would zero-pad
             # at band edges): the install covers them too.
             self.denoiser_ctx.cover_new_layers()
+        if request.ip_adapter_unload:
+            self._unload_ip_adapter()
+        for source, subfolder, weight_name, scale in request.ip_adapter_loads:
+            self._load_ip_adapter(source, subfolder, weight_name, scale)
         if not self.adapters:
             return
         active = request.adapters if request.adapters is not None else tuple(self.adapters.items())

@@ -73,6 +73,15 @@ def install_processors(model: nn.Module, wrap: Callable[[str, object], object]) 
     model.set_attn_processor(processors)
 
 
+def unwrap_processors(model: nn.Module) -> None:
+    """Put the original processors back (diffusers' loaders, e.g. load_ip_adapter, rebuild
+    every processor from its class with no arguments); `install_processors` wraps again."""
+    from parallel.patch.attention import is_patch_processor
+
+    model.set_attn_processor({key: p.original if is_patch_processor(p) else p
+                              for key, p in model.attn_processors.items()})
+
+
 def check_patch_aware(named: NamedModules, ctx, attention_model: nn.Module | None = None) -> None:
     """Refuse a model changed after the install in a way that would silently break the split:
     a k x k conv or GroupNorm that is not the patch-aware one (or bound to another context),

@@ -15,6 +15,8 @@ import torch
 def _slice_batch(value, lo: int, hi: int, batch: int):
     if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
         return value[lo:hi]
+    if isinstance(value, (list, tuple)):  # e.g. IP-Adapter image embeds: one tensor per adapter
+        return type(value)(_slice_batch(v, lo, hi, batch) for v in value)
     return value
 
 

@@ -36,7 +36,12 @@ def parallelize_unet(unet: nn.Module, ctx: PatchContext) -> None:
     swap_layers(unet.named_modules(), ctx)
     install_processors(unet, lambda key, original: PatchSelfAttnProcessor(ctx, key, original))
     ctx.guards.append(lambda: check_patch_aware(unet.named_modules(), ctx, unet))
-    ctx.cover_new_layers = lambda: swap_layers(unet.named_modules(), ctx)  # e.g. peft's LoRA convs
+
+    def cover_new_layers():  # e.g. peft's LoRA convs, an IP-Adapter's rebuilt processors
+        swap_layers(unet.named_modules(), ctx)
+        install_processors(unet, lambda key, original: PatchSelfAttnProcessor(ctx, key, original))
+
+    ctx.cover_new_layers = cover_new_layers
     signature = inspect.signature(unet.forward)
     ctx.hooks.append(unet.register_forward_pre_hook(_make_pre_hook(ctx, signature), with_kwargs=True))
     ctx.hooks.append(unet.register_forward_hook(_make_post_hook(ctx), with_kwargs=True))
