@@ -157,3 +157,20 @@ def test_ip_adapter_keeps_self_attention_patch_parallel_and_is_exact(engine, pic
     engine.unload_ip_adapter()
     after = exact(engine, **kwargs)
     np.testing.assert_allclose(after.latents.numpy(), before.latents.numpy(), rtol=0, atol=1e-6)
+
+
+def nine_channel_unet(pipe):
+    """A setup giving tiny-sd an inpainting UNet (latents + mask + masked-image latents in)."""
+    from diffusers import UNet2DConditionModel
+
+    config = dict(pipe.unet.config, in_channels=9)
+    torch.manual_seed(99)
+    pipe.unet = UNet2DConditionModel.from_config(config).eval()
+    pipe.register_modules(unet=pipe.unet)
+
+
+def test_a_nine_channel_inpainting_unet_is_exact(pictures):
+    image, _, mask = pictures
+    with Engine.from_pretrained("tiny-sd", parallel=ParallelConfig(strategy="patch", world_size=2),
+                                setup=nine_channel_unet) as nine:
+        exact(nine, image=image, mask_image=mask, strength=0.9)
