@@ -15,11 +15,10 @@ import time
 
 from comms.groups import listening_store
 from launch.processes import rank_context
-from launch.worker import RankFailedError, RequestFailedError, worker_main
+from launch.worker import AGREE_S, RankFailedError, RequestFailedError, worker_main
 
 PEER_STOPPED_EXIT = 3  # comms.failure.EXIT_CODE: a rank that stopped because a peer failed
 START_TIMEOUT_S = 600.0
-AGREE_S = 2.0  # how long the other ranks may take to fail the same way (then the request failed alone)
 DEATH_GRACE_S = 2.0  # how long a peer's error may take to arrive after its rank is seen gone
 KILL_GRACE_S = 2.0  # between SIGTERM and SIGKILL when the ranks are stopped
 

@@ -22,7 +22,7 @@ import sys
 import time
 from collections import OrderedDict
 
-from launch.worker import CHUNKS_AHEAD_SLACK, RankFailedError, configure_threads
+from launch.worker import AGREE_S, CHUNKS_AHEAD_SLACK, RankFailedError, RequestFailedError, configure_threads
 from parallel.config import ConfigError
 
 START_TIMEOUT_S = 600.0
@@ -90,8 +90,17 @@ class RankActor:
         return self.runtime.info
 
     def run(self, request):
-        output = self.runtime.run(request)
-        return output if self.rank == 0 else None
+        """("ok", rank 0's output) or ("request_error", summary, traceback, point): whether a
+        request that failed here failed alone (alike on every rank) is the launcher's call."""
+        import traceback
+
+        from launch.worker import summarize
+
+        try:
+            output = self.runtime.run(request)
+        except Exception as exc:
+            return ("request_error", summarize(exc), traceback.format_exc(), (summarize(exc), self.runtime.topo.barriers))
+        return ("ok", output if self.rank == 0 else None)
 
     def stream(self, request, frames, control):
         """This rank's part of a stream; the decoding rank puts (chunk, frames, seconds) into
@@ -247,7 +256,8 @@ class RayLauncher:
         if self.closed:
             raise RankFailedError("this engine's Ray actors are stopped; call engine.restart() or make a new engine")
         refs = [actor.run.remote(request) for actor in self._actors]
-        return self._gather(refs, "run", None)[0]
+        results = self._gather(refs, "run", None, agree=True)
+        return results[0][1]
 
     def stream(self, request):
         """Yield (chunk, frames, seconds) as the decoding rank sends them; afterwards
@@ -309,8 +319,11 @@ class RayLauncher:
                 self._gather(refs, "stream", None)  # raises with the root cause
         return len(ready) == len(refs)
 
-    def _gather(self, refs: list, what: str, timeout_s: float | None) -> list:
-        """Every rank's result of one call; the first error or dead actor fails them all."""
+    def _gather(self, refs: list, what: str, timeout_s: float | None, agree: bool = False) -> list:
+        """Every rank's result of one call; the first error or dead actor fails them all.
+        `agree`: results are ("ok", ...) or ("request_error", ...) (RankActor.run); a request
+        error on every rank at the same point fails the request alone (RequestFailedError, the
+        actors stay), anything else fails the group."""
         ray = self._ray
         rank_of = {ref: rank for rank, ref in enumerate(refs)}
         results: dict = {}
@@ -324,10 +337,31 @@ class RayLauncher:
                 except ray.exceptions.RayError as exc:
                     others = [r for r in ready if r is not ref] + pending
                     self._fail(*self._root_cause(rank_of[ref], exc, others, rank_of, what))
+                if agree and results[rank_of[ref]][0] == "request_error":
+                    others = [r for r in ready if r is not ref and rank_of[r] not in results] + pending
+                    self._request_failed(rank_of[ref], results, others, rank_of)
             if deadline is not None and time.monotonic() > deadline:
                 late = sorted(rank_of[r] for r in pending)
                 self._fail(f"ranks {late} did not finish {what!r} within {timeout_s:.0f} s")
         return [results[rank] for rank in range(len(refs))]
+
+    def _request_failed(self, rank: int, results: dict, pending: list, rank_of: dict) -> None:
+        """Rank `rank` failed the request: wait a moment for the others. All failed alike at
+        the same point: the request failed alone. Otherwise the group is unusable."""
+        ray = self._ray
+        end = time.monotonic() + AGREE_S
+        while pending and time.monotonic() < end:
+            ready, pending = ray.wait(pending, num_returns=len(pending), timeout=POLL_S)
+            for ref in ready:
+                try:
+                    results[rank_of[ref]] = ray.get(ref)
+                except ray.exceptions.RayError as exc:
+                    self._fail(*self._root_cause(rank_of[ref], exc, pending, rank_of, "run"))
+        failed = {r: v for r, v in results.items() if v[0] == "request_error"}
+        summary, details = failed[rank][1], failed[rank][2]
+        if not pending and len(failed) == len(results) and len({v[3] for v in failed.values()}) == 1:
+            raise RequestFailedError(f"the request failed on every rank: {summary}", details)
+        self._fail(f"rank {rank} failed: {summary}", details)
 
     def _root_cause(self, rank: int, exc, pending: list, rank_of: dict, what: str) -> tuple[str, str]:
         """The message that names the rank that caused a failure. When an actor dies, its

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import traceback
 
+AGREE_S = 2.0  # how long the other ranks may take to fail the same way (then the request failed alone)
+
 
 class RankFailedError(RuntimeError):
     """A rank raised or died; the message names the rank and the cause."""

@@ -139,3 +139,14 @@ def test_two_node_cluster_on_loopback(ray_env, ray_engine, pool):
         if ray.is_initialized():
             ray.shutdown()
         _ray_cli("stop", "--force", env=env)
+
+
+def test_a_request_that_fails_on_every_rank_fails_alone_on_ray(ray_engine):
+    from launch.worker import RequestFailedError
+
+    pids = ray_engine._backend.actor_pids()
+    # more steps than the scheduler was trained with: set_timesteps raises on every rank alike
+    with pytest.raises(RequestFailedError, match="failed on every rank: ValueError"):
+        ray_engine.generate(PROMPT, seed=1, **dict(REQUEST, num_inference_steps=1001))
+    assert ray_engine._backend.actor_pids() == pids  # the same actors
+    assert len(ray_engine.generate(PROMPT, seed=1, **REQUEST).images) == 1
