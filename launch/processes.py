@@ -5,7 +5,8 @@ on the machines measured here, every time a group starts or restarts. A `forkser
 them once (in a small server process started with the first group) and forks every later
 rank from it: the rank still imports the caller's main module, as with spawn, but not the
 libraries again. Nothing has run a kernel in the server (no OpenMP pool, no CUDA context),
-so the forked ranks start clean. The caller passes its environment along and each rank
+so the forked ranks start clean (tests/test_processes.py checks that importing PRELOAD calls no
+torch.cuda function: a CUDA driver initialised before fork would break every forked rank). The caller passes its environment along and each rank
 adopts it first (`adopt_environment`), so variables set after the server started still reach
 the ranks, as with spawn. Where forkserver does not exist (Windows) or
 TESSERA_START_METHOD=spawn is set, ranks are spawned as before.
