@@ -106,12 +106,11 @@ class Engine:
         self._lock = threading.Lock()  # one request at a time, in arrival order
         self._open_stream = None  # the VideoStream in progress, if any
         # LoRA adapters: loaded on the ranks with the next request (one trip, like its images)
-        self.adapters: dict[str, float] = {}  # name -> default weight, as the ranks will have them
-        self._lora_loads: list = []
-        self._lora_unloads: list = []
-        self.ip_adapter = None  # the loaded IP-Adapter's source, as the ranks will have it
-        self._ip_adapter_loads: list = []
-        self._ip_adapter_unload = False
+        # Adapters: the state every request asks the ranks to hold (engine.runtime.addons).
+        self.adapters: dict[str, float] = {}  # LoRA name -> default weight
+        self._lora_sources: dict = {}  # LoRA name -> path or state dict
+        self._lora_confirmed: set = set()  # names every rank holds (their sources need not travel)
+        self._ip_adapter: tuple | None = None  # (source, subfolder, weight name, scale)
         self.auto_restart = False  # bring a failed group back before the next request
         self._closed = False  # closed by the caller (never auto-restarted)
         self.device_type = "cpu"  # what the ranks compute on, for the memory bound
@@ -192,7 +191,8 @@ class Engine:
         engine = cls(model, parallel, respawn(), launcher)
         engine._respawn = respawn
         engine.auto_restart = auto_restart
-        engine.device_type, engine.local_ranks = device_type, 1 if ray else world
+        # Ray ranks may live on other machines: only an explicit memory_limit_gb bounds them
+        engine.device_type, engine.local_ranks = device_type, None if ray else world
         return engine
 
     @property
@@ -292,17 +292,18 @@ class Engine:
             denoising_start=denoising_start,
             denoising_end=denoising_end,
             ip_adapter_image=ip_adapter_image,
-            ip_adapter_loaded=self.ip_adapter is not None,
+            ip_adapter_loaded=self._ip_adapter is not None,
         )
         check_request_memory(self.info, request, self.local_ranks, self.device_type, memory_limit_gb)
         with self._lock:
             self._check_no_open_stream()
             self._restart_if_failed()
-            request = replace(request, lora_loads=tuple(self._lora_loads), lora_unloads=tuple(self._lora_unloads),
-                              ip_adapter_loads=tuple(self._ip_adapter_loads), ip_adapter_unload=self._ip_adapter_unload)
+            loras = tuple((name, None if name in self._lora_confirmed else self._lora_sources[name], weight)
+                          for name, weight in self.adapters.items())
+            request = replace(request, loras=loras, ip_adapter=self._ip_adapter)
+            self._lora_confirmed = set()  # until the ranks answer (a failed request may leave them anywhere)
             output = self._backend.run(request, on_preview=callback) if callback else self._backend.run(request)
-            self._lora_loads, self._lora_unloads = [], []  # the ranks have them now
-            self._ip_adapter_loads, self._ip_adapter_unload = [], False
+            self._lora_confirmed = set(self.adapters)
         if output.images is None:
             return GenerateResult(report=output.report)
         from PIL import Image
@@ -323,7 +324,7 @@ class Engine:
         if name in self.adapters:
             raise ConfigError(f"adapter {name!r} is already loaded; unload_lora({name!r}) first")
         self.adapters[name] = float(weight)
-        self._lora_loads.append((name, source, float(weight)))
+        self._lora_sources[name] = source
 
     def load_ip_adapter(self, source: str, subfolder: str | None = "models",
                         weight_name: str | None = "ip-adapter_sd15.bin", scale: float = 1.0) -> None:
@@ -332,29 +333,21 @@ class Engine:
         every rank with the next request; from then on requests pass `ip_adapter_image`.
         Self-attention stays patch-parallel (the loader's rebuilt processors are wrapped again)."""
         check_ip_adapter(source, scale, self.info)
-        if self.ip_adapter is not None:
-            raise ConfigError(f"an IP-Adapter ({self.ip_adapter}) is loaded; unload_ip_adapter() first")
-        self.ip_adapter = source
-        self._ip_adapter_loads.append((source, subfolder, weight_name, float(scale)))
+        if self._ip_adapter is not None:
+            raise ConfigError(f"an IP-Adapter ({self._ip_adapter[0]}) is loaded; unload_ip_adapter() first")
+        self._ip_adapter = (source, subfolder, weight_name, float(scale))
 
     def unload_ip_adapter(self) -> None:
-        if self.ip_adapter is None:
+        if self._ip_adapter is None:
             raise ConfigError("no IP-Adapter is loaded")
-        self.ip_adapter = None
-        if self._ip_adapter_loads:  # never reached the ranks
-            self._ip_adapter_loads = []
-        else:
-            self._ip_adapter_unload = True
+        self._ip_adapter = None
 
     def unload_lora(self, name: str) -> None:
         if name not in self.adapters:
             raise ConfigError(f"adapter {name!r} is not loaded (loaded: {', '.join(self.adapters) or 'none'})")
         del self.adapters[name]
-        pending = [load for load in self._lora_loads if load[0] == name]
-        if pending:  # never reached the ranks
-            self._lora_loads.remove(pending[0])
-        else:
-            self._lora_unloads.append(name)
+        del self._lora_sources[name]
+        self._lora_confirmed.discard(name)
 
     def stream(self, prompt: str, num_chunks: int | None = None, steps: int | None = None, seed: int = 0,
                height: int | None = None, width: int | None = None, kv_window: int | None = None,
@@ -401,6 +394,7 @@ class Engine:
         brought back before the next request. Called with the lock held."""
         if self.auto_restart and self._respawn is not None and self._backend.closed and not self._closed:
             self._backend = self._respawn()
+            self._lora_confirmed = set()  # new ranks: every adapter travels again
 
     def restart(self) -> None:
         """Bring a failed rank group back: new local processes or Ray actors (a torchrun job
@@ -410,6 +404,7 @@ class Engine:
         with self._lock:
             self._backend.close()
             self._backend = self._respawn()
+            self._lora_confirmed = set()  # new ranks: every adapter travels again
 
     def close(self) -> None:
         self._closed = True

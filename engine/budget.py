@@ -38,12 +38,19 @@ def estimate_rank_bytes(info, request) -> int:
     return attention + math.ceil(decode / world)
 
 
-def machine_bytes_per_rank(local_ranks: int, device_type: str) -> int:
-    """This machine's memory shared by its ranks: a GPU's memory each on CUDA, else RAM / ranks."""
+def machine_bytes_per_rank(local_ranks: int | None, device_type: str) -> int | None:
+    """This machine's memory shared by its ranks: a GPU's memory each on CUDA, else RAM / ranks.
+    None when this machine does not tell (ranks elsewhere, e.g. a Ray cluster: `local_ranks`
+    None; or CUDA ranks while this process sees no GPU)."""
+    if local_ranks is None:
+        return None
     if device_type == "cuda":
         import torch
 
-        return min(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            return None
+        return min(torch.cuda.get_device_properties(i).total_memory for i in range(count))
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(1, local_ranks)
 
 
@@ -54,6 +61,8 @@ def check_request_memory(info, request, local_ranks: int, device_type: str = "cp
         raise ConfigError(f"memory_limit_gb must be a positive number (inf: no bound), got {limit_gb!r}")
     if limit_gb is None:
         limit, source = machine_bytes_per_rank(local_ranks, device_type), "this machine's memory per rank"
+        if limit is None:
+            return  # the ranks' machines are not this one: only an explicit memory_limit_gb bounds them
     else:
         limit, source = limit_gb * 2**30, "memory_limit_gb"
     need = estimate_rank_bytes(info, request)

@@ -14,7 +14,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from engine.models import ModelInfo, resolve_scheduler
-from engine.workflows import check_ip_adapter_image, check_workflow, image_size, workflow_of
+from engine.workflows import (check_ip_adapter_image, check_pipeline_options, check_workflow, fit_to_size, image_size,
+                              workflow_of)
 from parallel.patch.bands import BandPlan
 from parallel.config import ConfigError, ParallelConfig, is_int, is_number
 from parallel.registry import strategy_of
@@ -53,10 +54,12 @@ class GenerateRequest:
     preview_every: int = 0  # rank 0 hands the caller a preview every k steps (0: none)
     preview: str = "latents"  # "latents" (the current latents) or "image" (them decoded)
     adapters: tuple[tuple[str, float], ...] | None = None  # None: every loaded adapter at its scale
-    lora_loads: tuple = ()  # (name, path or state dict, scale) to load before this request
-    lora_unloads: tuple[str, ...] = ()
-    ip_adapter_loads: tuple = ()  # (source, subfolder, weight name, scale) to load before this request
-    ip_adapter_unload: bool = False  # unload the IP-Adapter before this request
+    # What the ranks must hold for this request (the engine's whole adapter state, so a rank
+    # that lost it to a failed request or a restart catches up): (name, source, weight), the
+    # source None once every rank confirmed it; and the IP-Adapter (source, subfolder, weight
+    # name, scale) or None.
+    loras: tuple = ()
+    ip_adapter: tuple | None = None
     ip_adapter_image: np.ndarray | None = None  # (H, W, 3) uint8: the image prompt of a loaded IP-Adapter
 
     @property
@@ -176,6 +179,17 @@ def build_request(
     if cross_attention_kwargs is not None and (
             not isinstance(cross_attention_kwargs, dict) or not all(isinstance(k, str) for k in cross_attention_kwargs)):
         raise ConfigError("cross_attention_kwargs must be a dict with string keys, e.g. {'scale': 0.5}")
+    addons["image"], addons["mask_image"] = fit_to_size(info, addons["image"], addons["mask_image"], height, width)
+    check_pipeline_options(info, strategy, workflow_of(addons["image"] is not None, addons["mask_image"] is not None),
+                           bool(addons["controlnets"]), {
+                               "guidance_rescale": addons["guidance_rescale"] > 0,
+                               "cross_attention_kwargs": cross_attention_kwargs is not None,
+                               "denoising_start": addons["denoising_start"] is not None,
+                               "denoising_end": addons["denoising_end"] is not None,
+                               "num_images_per_prompt": per_prompt > 1,
+                               "ip_adapter_image": ip_image is not None,
+                               "callback_on_step_end": bool(preview_every),
+                           })
 
     vae = info.vae_scale_factor
     for what, size in (("height", height), ("width", width)):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from engine.inputs import is_latents, latent_array, mask_array, rgb_array, to_pil
 from parallel.errors import ConfigError
 
@@ -18,6 +20,7 @@ from parallel.errors import ConfigError
 WORKFLOWS = {
     "StableDiffusionPipeline": ("img2img", "inpaint", "controlnet"),
     "StableDiffusionXLPipeline": ("img2img", "inpaint", "controlnet"),
+    "StableDiffusionXLImg2ImgPipeline": ("img2img", "inpaint"),  # the SDXL refiner: image in, never text alone
     "StableDiffusion3Pipeline": ("img2img", "inpaint"),
     "FluxPipeline": ("img2img", "inpaint"),
 }
@@ -41,7 +44,64 @@ def _supports(info, what: str) -> None:
 
 
 # Pipelines that hand over between a base and a refiner (denoising_end / denoising_start).
-HANDOFF_PIPELINES = ("StableDiffusionXLPipeline",)
+HANDOFF_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
+IMAGE_ONLY_PIPELINES = ("StableDiffusionXLImg2ImgPipeline",)
+# Base pipeline -> the family prefix of diffusers' pipeline class names (for the options check).
+_FAMILIES = {"StableDiffusionPipeline": "StableDiffusion", "StableDiffusionXLPipeline": "StableDiffusionXL",
+             "StableDiffusionXLImg2ImgPipeline": "StableDiffusionXL", "StableDiffusion3Pipeline": "StableDiffusion3",
+             "FluxPipeline": "Flux", "PixArtSigmaPipeline": "PixArtSigma"}
+_KINDS = {"text2img": "", "img2img": "Img2Img", "inpaint": "Inpaint"}
+
+
+def pipeline_class_name(base: str, kind: str, controlnet: bool) -> str | None:
+    """The diffusers pipeline `pipeline_for` will build (None for a base this table does not know)."""
+    family = _FAMILIES.get(base)
+    return None if family is None else f"{family}{'ControlNet' if controlnet else ''}{_KINDS[kind]}Pipeline"
+
+
+def check_pipeline_options(info, strategy, kind: str, controlnet: bool, options: dict) -> None:
+    """Refuse options the chosen pipeline would silently swallow (its **kwargs) or reject on
+    the ranks. `options`: name -> whether the request sets it."""
+    wanted = [name for name, used in options.items() if used]
+
+    def shown(names):
+        return ", ".join("callback (previews)" if n == "callback_on_step_end" else n for n in names)
+
+    if strategy.runner == "tiles":
+        tiled = [n for n in wanted if n in ("guidance_rescale", "cross_attention_kwargs", "callback_on_step_end")]
+        if tiled:
+            raise ConfigError(f"asg does not take {shown(tiled)} yet")
+    name = pipeline_class_name(info.pipeline, kind, controlnet)
+    if name is None or not wanted:
+        return
+    import inspect
+
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        return
+    takes = inspect.signature(cls.__call__).parameters
+    missing = [n for n in wanted if n not in takes]
+    if missing:
+        raise ConfigError(f"{name} does not take {shown(missing)}; it would be ignored")
+
+
+def fit_to_size(info, image: np.ndarray | None, mask: np.ndarray | None, height: int, width: int):
+    """The init image and mask at the request's size: img2img pipelines take the image's own
+    size (an explicit height/width would be ignored), so a different size is resized here.
+    Latents cannot be resized: a different size is refused."""
+    from PIL import Image
+
+    if image is None:
+        return image, mask
+    if image_size(info, image) != (height, width):
+        if image.ndim == 4:
+            raise ConfigError(f"height/width {height}x{width} differ from the latents' size; leave them out")
+        image = np.asarray(Image.fromarray(image).resize((width, height), Image.LANCZOS))
+    if mask is not None and mask.shape != (height, width):
+        mask = np.asarray(Image.fromarray(mask).resize((width, height), Image.NEAREST))
+    return image, mask
 
 
 def image_size(info, image: np.ndarray) -> tuple[int, int]:
@@ -81,13 +141,17 @@ def check_workflow(info, strategy, image, mask_image, strength, controlnets, con
     kind = workflow_of(image is not None, mask_image is not None)
     if kind != "text2img":
         _supports(info, kind)
-        out["strength"] = _fraction(1.0 if strength is None and kind == "inpaint" else 0.8 if strength is None
-                                    else strength, "strength")
+        # None: the pipeline's own default (0.8 SD img2img, 0.3 SDXL img2img, 0.6 SD3/Flux ...)
+        out["strength"] = None if strength is None else _fraction(strength, "strength")
     elif strength is not None:
         raise ConfigError("strength needs image (img2img or inpainting); it would be ignored")
+    elif info.pipeline in IMAGE_ONLY_PIPELINES:
+        raise ConfigError(f"{info.name} is a {info.pipeline} (an SDXL refiner): it needs image (e.g. a base's latents)")
 
     specs = (controlnets,) if isinstance(controlnets, str) else tuple(controlnets or ())
     images = control_image if isinstance(control_image, (list, tuple)) else () if control_image is None else (control_image,)
+    if not specs and not images and scales != 1.0:
+        raise ConfigError("controlnet_conditioning_scale needs a controlnet; it would be ignored")
     if specs or images:
         _supports(info, "controlnet")
         if len(specs) != len(images):
@@ -218,7 +282,9 @@ def call_kwargs(request) -> dict:
         import torch
 
         image = request.image
-        kwargs.update(image=torch.from_numpy(image) if image.ndim == 4 else to_pil(image), strength=request.strength)
+        kwargs["image"] = torch.from_numpy(image) if image.ndim == 4 else to_pil(image)
+        if request.strength is not None:
+            kwargs["strength"] = request.strength
     for key in ("denoising_start", "denoising_end"):
         if getattr(request, key) is not None:
             kwargs[key] = getattr(request, key)

@@ -224,7 +224,7 @@ def generate(args) -> int:
         checked = build_request(info, parallel, args.prompt, **request)
         local = args.launcher == "local"
         device_type = check_device(args.device, world, local_ranks=None if local else 1, cluster=not local)
-        check_request_memory(info, checked, world if local else 1, device_type, args.memory_limit_gb)
+        check_request_memory(info, checked, world if local else None, device_type, args.memory_limit_gb)
     check_launcher_arguments(args)
     with Engine.from_pretrained(args.model, parallel=parallel, device=args.device, dtype=dtype,
                                 launcher=args.launcher, address=args.address) as engine:

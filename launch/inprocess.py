@@ -34,14 +34,26 @@ class InProcess:
             self.watch.report(exc)
 
     def run(self, request, on_preview=None):
-        self.runtime.preview_sink = on_preview
+        errors = []
+
+        def sink(step, preview):  # a callback that raises must not fail this rank alone (torchrun)
+            if not errors:
+                try:
+                    on_preview(step, preview)
+                except Exception as exc:  # the caller's code
+                    errors.append(exc)
+
+        self.runtime.preview_sink = sink if on_preview is not None else None
         try:
-            return self.runtime.run(request)
+            output = self.runtime.run(request)
         except BaseException as exc:
             self._report(exc)
             raise
         finally:
             self.runtime.preview_sink = None
+        if errors:
+            raise errors[0]
+        return output
 
     def stream(self, request):
         try:

@@ -56,6 +56,7 @@ class LocalLauncher:
         self.closed = False
         self.last_reports: list = []  # every rank's report of the last stream
         self._on_preview = None  # the caller's preview callback during a request
+        self._preview_error = None  # what that callback raised, raised after the request
         try:
             self.info = self._collect("ready", START_TIMEOUT_S)[0]
         except RankFailedError as exc:
@@ -74,11 +75,14 @@ class LocalLauncher:
 
     def run(self, request, on_preview=None):
         self._check_running()
-        self._on_preview = on_preview
+        self._on_preview, self._preview_error = on_preview, None
         for q in self._requests:
             q.put(request)
         try:
-            return self._collect("ok", None)[0]
+            output = self._collect("ok", None)[0]
+            if self._preview_error is not None:  # raised once every rank finished: the queue stays in step
+                raise self._preview_error
+            return output
         except KeyboardInterrupt:  # Ctrl-C: stop the ranks now, not after the request
             self.close(graceful=False)
             raise
@@ -126,10 +130,19 @@ class LocalLauncher:
             if kind in ("error", "request_error"):
                 self._on_error(rank, kind, payload)
             if kind == "preview":
-                if self._on_preview is not None:
-                    self._on_preview(*payload)
+                self._deliver_preview(payload)
                 continue
             return kind, rank, payload
+
+    def _deliver_preview(self, payload) -> None:
+        """Hand a preview to the caller's callback. A callback that raises gets no more
+        previews; its error is raised after the request (the ranks' results still arrive)."""
+        if self._on_preview is None:
+            return
+        try:
+            self._on_preview(*payload)
+        except Exception as exc:  # the caller's code
+            self._preview_error, self._on_preview = exc, None
 
     def _collect(self, kind: str, timeout_s: float | None) -> dict:
         """Wait for one `kind` message per rank; fail fast on an error or a dead rank."""

@@ -51,6 +51,11 @@ def _req(model="tiny-sd", strategy="patch", **kw):
      r"latents must be a finite \(batch, 4, h, w\)"),
     (dict(preview_every=-1), "callback_steps must be a positive integer"),
     (dict(ip_adapter_image=IMG), "ip_adapter_image needs an IP-Adapter"),
+    (dict(image=IMG, guidance_rescale=0.5), "StableDiffusionImg2ImgPipeline does not take guidance_rescale"),
+    (dict(model="tiny-sd3", cross_attention_kwargs={"scale": 0.5}), "StableDiffusion3Pipeline does not take"),
+    (dict(controlnet_conditioning_scale=0.5), "controlnet_conditioning_scale needs a controlnet"),
+    (dict(strategy="asg", preview_every=2), r"asg does not take callback \(previews\)"),
+    (dict(model="tiny-sdxl", image=np.zeros((1, 4, 8, 8), np.float32), height=128), "differ from the latents' size"),
     (dict(ip_adapter_loaded=True), "an IP-Adapter is loaded: pass ip_adapter_image"),
     (dict(ip_adapter_image=IMG, ip_adapter_loaded=True, strategy="asg"), "asg generates from text only"),
     (dict(preview_every=1, preview="video"), "preview must be one of latents, image"),
@@ -73,10 +78,14 @@ def test_a_missing_optional_scheduler_dependency_is_named():
 
 def test_good_workflow_input_resolves_sizes_and_defaults():
     request = _req(image=np.zeros((96, 128, 3), np.uint8), mask_image=np.zeros((96, 128), np.uint8))
-    assert (request.height, request.width, request.workflow, request.strength) == (96, 128, "inpaint", 1.0)
+    assert (request.height, request.width, request.workflow, request.strength) == (96, 128, "inpaint", None)
     request = _req(image=IMG, controlnet=["tiny-controlnet"] * 2, control_image=[IMG, IMG],
                    controlnet_conditioning_scale=0.5)
-    assert request.strength == 0.8 and request.controlnet_scales == (0.5, 0.5) and request.workflow == "img2img"
+    assert request.strength is None and request.controlnet_scales == (0.5, 0.5) and request.workflow == "img2img"
+    # an explicit size resizes the init image and mask (img2img pipelines would keep the image's own)
+    request = _req(image=np.zeros((96, 128, 3), np.uint8), mask_image=np.zeros((96, 128), np.uint8), height=64,
+                   width=64)
+    assert request.image.shape == (64, 64, 3) and request.mask_image.shape == (64, 64)
 
 
 def test_bad_ip_adapter_is_refused_before_loading():

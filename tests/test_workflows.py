@@ -174,3 +174,34 @@ def test_a_nine_channel_inpainting_unet_is_exact(pictures):
     with Engine.from_pretrained("tiny-sd", parallel=ParallelConfig(strategy="patch", world_size=2),
                                 setup=nine_channel_unet) as nine:
         exact(nine, image=image, mask_image=mask, strength=0.9)
+
+
+def test_a_failing_preview_callback_fails_its_request_only(engine):
+    def broken(step, preview):
+        raise ValueError("my callback broke")
+
+    with pytest.raises(ValueError, match="my callback broke"):
+        engine.generate("a red circle", height=64, width=64, num_inference_steps=2, progress=False, callback=broken)
+    # the next request gets its own result, not the previous one's
+    a = engine.generate("a blue square", height=64, width=64, num_inference_steps=2, seed=1, progress=False)
+    b = engine.generate("a blue square", height=64, width=64, num_inference_steps=2, seed=1, progress=False)
+    np.testing.assert_array_equal(a.latents.numpy(), b.latents.numpy())
+    assert a.report["seed"] == 1
+
+
+def test_adapters_survive_a_failed_request_and_a_restart(engine, tmp_path):
+    kwargs = dict(height=64, width=64, num_inference_steps=2, seed=5, progress=False, parallel=SYNC)
+    before = engine.generate("a red circle", **kwargs)
+    engine.load_lora("again", _random_lora(str(tmp_path)))
+    from launch.worker import RequestFailedError
+
+    with pytest.raises(RequestFailedError):  # loads the adapter on the ranks, then fails on every rank
+        engine.generate("a red circle", **dict(kwargs, num_inference_steps=1001))
+    with_lora = engine.generate("a red circle", **kwargs)  # no "name already in use"
+    assert rel_l2(with_lora.latents.numpy(), before.latents.numpy()) > 1e-3
+    engine.restart()  # new ranks: the adapter travels again
+    again = engine.generate("a red circle", **kwargs)
+    np.testing.assert_allclose(again.latents.numpy(), with_lora.latents.numpy(), rtol=0, atol=1e-6)
+    engine.unload_lora("again")
+    np.testing.assert_allclose(engine.generate("a red circle", **kwargs).latents.numpy(), before.latents.numpy(),
+                               rtol=0, atol=1e-6)

@@ -32,7 +32,7 @@ def check_controlnet_spec(spec) -> None:
                 kind = json.load(f).get("_class_name")
         except (OSError, ValueError) as exc:
             raise ConfigError(f"controlnet {spec}: cannot read {config} ({exc})") from None
-        if kind not in ("ControlNetModel", "ControlNetUnionModel"):
+        if kind != "ControlNetModel":  # union / SD3 / Flux ControlNets are other classes, not patch-parallel here
             raise ConfigError(f"controlnet {spec}: {config} describes a {kind}, not a ControlNetModel")
         return
     if spec.count("/") != 1 or spec.startswith((".", "/")):

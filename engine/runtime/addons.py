@@ -21,6 +21,7 @@ class AddOns:
         self.denoiser_ctx = denoiser_ctx
         self.controlnets: dict[tuple, tuple] = {}  # (spec, occurrence) -> (ControlNetModel, its PatchContext)
         self.adapters: dict[str, float] = {}  # loaded LoRA adapters -> default scale
+        self.ip_adapter: tuple | None = None  # the loaded IP-Adapter, as the request named it
         self._multi: dict[tuple, object] = {}  # specs -> MultiControlNetModel
         self.pipelines: dict = {}  # workflow pipelines built from the base pipeline (engine.workflows)
 
@@ -63,6 +64,17 @@ class AddOns:
     def contexts(self, specs: tuple[str, ...]) -> list[PatchContext]:
         return [self.controlnets[k][1] for k in self._keys(specs)]
 
+    def _load_lora(self, name: str, source) -> None:
+        try:
+            self.pipe.load_lora_weights(source, adapter_name=name)
+        except BaseException:
+            try:  # a load that failed halfway must not block the name for the next attempt
+                self.pipe.delete_adapters(name)
+            except Exception:
+                pass
+            self.denoiser_ctx.cover_new_layers()
+            raise
+
     # -- IP-Adapter --------------------------------------------------------------
     def _load_ip_adapter(self, source, subfolder, weight_name, scale: float) -> None:
         from engine.models.ip_adapters import load_ip_adapter
@@ -75,6 +87,7 @@ class AddOns:
         finally:
             self.denoiser_ctx.cover_new_layers()  # self-attention patch-aware again, the new convs swapped
         self.pipe.set_ip_adapter_scale(scale)
+        self.ip_adapter = (source, subfolder, weight_name, scale)
         self.pipelines.clear()  # workflow pipelines were built before the image encoder existed
 
     def _unload_ip_adapter(self) -> None:
@@ -85,26 +98,35 @@ class AddOns:
             self.pipe.unload_ip_adapter()  # sets default processors on every layer
         finally:
             self.denoiser_ctx.cover_new_layers()
+        self.ip_adapter = None
         self.pipelines.clear()
 
     # -- LoRA adapters -----------------------------------------------------------
     def apply_adapters(self, request) -> None:
-        """Unload and load what the request says, then activate its adapters."""
-        for name in request.lora_unloads:
-            if name in self.adapters:
-                self.pipe.delete_adapters(name)
-                del self.adapters[name]
-        for name, source, scale in request.lora_loads:
-            self.pipe.load_lora_weights(source, adapter_name=name)
-            self.adapters[name] = scale
-        if request.lora_loads:
+        """Make this rank hold the adapters the request lists (load what is missing, delete
+        what is not listed: idempotent, so a rank catches up after a failed request or a
+        restart), then activate the request's adapters."""
+        wanted = {name: (source, weight) for name, source, weight in request.loras}
+        for name in [n for n in self.adapters if n not in wanted]:
+            self.pipe.delete_adapters(name)
+            del self.adapters[name]
+        added = False
+        for name, (source, weight) in wanted.items():
+            if name not in self.adapters:
+                if source is None:
+                    raise RuntimeError(f"adapter {name!r} is missing on rank {self.topo.rank} and its source was not sent")
+                self._load_lora(name, source)
+                added = True
+            self.adapters[name] = weight
+        if added:
             # peft adds its own layers (a 3x3 LoRA conv is a plain Conv2d that would zero-pad
             # at band edges): the install covers them too.
             self.denoiser_ctx.cover_new_layers()
-        if request.ip_adapter_unload:
-            self._unload_ip_adapter()
-        for source, subfolder, weight_name, scale in request.ip_adapter_loads:
-            self._load_ip_adapter(source, subfolder, weight_name, scale)
+        if request.ip_adapter != self.ip_adapter:
+            if self.ip_adapter is not None:
+                self._unload_ip_adapter()
+            if request.ip_adapter is not None:
+                self._load_ip_adapter(*request.ip_adapter)
         if not self.adapters:
             return
         active = request.adapters if request.adapters is not None else tuple(self.adapters.items())

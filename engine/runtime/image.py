@@ -437,11 +437,15 @@ class RankRuntime:
         For asg the reference is the single-process run of the same algorithm."""
         self._progress = dict(disable=True)
         self.ctx.enabled = False
+        sink, self.preview_sink = self.preview_sink, None  # the caller has had this request's previews
         start = time.perf_counter()
-        if strategy_of(request.parallel).runner == "tiles":
-            ref_latents = self._denoise_asg(request, reference=True)[0]
-        else:
-            ref_latents = self._denoise(request)
+        try:
+            if strategy_of(request.parallel).runner == "tiles":
+                ref_latents = self._denoise_asg(request, reference=True)[0]
+            else:
+                ref_latents = self._denoise(request)
+        finally:
+            self.preview_sink = sink
         serial_s = time.perf_counter() - start
         ref_images = decode_latents(self.pipe, spatial_latents(self.pipe, ref_latents, request.height, request.width))
         metrics = compare(images, ref_images, latents, ref_latents.float().cpu().numpy())
