@@ -54,6 +54,17 @@ def test_ray_matches_the_local_launcher(local_results, ray_engine):
         assert err <= 1e-6, f"{strategy}: Ray differs from the local launcher, rel L2 {err:.2e}"
 
 
+def test_a_request_that_fails_on_every_rank_fails_alone_on_ray(ray_engine):
+    from launch.worker import RequestFailedError
+
+    pids = ray_engine._backend.actor_pids()
+    # more steps than the scheduler was trained with: set_timesteps raises on every rank alike
+    with pytest.raises(RequestFailedError, match="failed on every rank: ValueError"):
+        ray_engine.generate(PROMPT, seed=1, **dict(REQUEST, num_inference_steps=1001))
+    assert ray_engine._backend.actor_pids() == pids  # the same actors
+    assert len(ray_engine.generate(PROMPT, seed=1, **REQUEST).images) == 1
+
+
 def test_concurrent_driver_threads_each_get_their_own_image(pool, ray_engine):
     serial = pool.serial_engine(MODEL)
     seeds = (11, 12)
@@ -140,13 +151,3 @@ def test_two_node_cluster_on_loopback(ray_env, ray_engine, pool):
             ray.shutdown()
         _ray_cli("stop", "--force", env=env)
 
-
-def test_a_request_that_fails_on_every_rank_fails_alone_on_ray(ray_engine):
-    from launch.worker import RequestFailedError
-
-    pids = ray_engine._backend.actor_pids()
-    # more steps than the scheduler was trained with: set_timesteps raises on every rank alike
-    with pytest.raises(RequestFailedError, match="failed on every rank: ValueError"):
-        ray_engine.generate(PROMPT, seed=1, **dict(REQUEST, num_inference_steps=1001))
-    assert ray_engine._backend.actor_pids() == pids  # the same actors
-    assert len(ray_engine.generate(PROMPT, seed=1, **REQUEST).images) == 1
