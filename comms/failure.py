@@ -27,10 +27,14 @@ POLL_S = 0.2
 
 
 class FailureWatch:
-    def __init__(self, rank: int, addr: str, port: int, exit_on_store_loss: bool = False):
+    def __init__(self, rank: int, addr: str, port: int, exit_on_store_loss: bool = False,
+                 launcher_pid: int | None = None):
         """`exit_on_store_loss`: for ranks whose store lives in a launcher process; if that
-        process dies, nothing else would ever stop them."""
+        process dies, nothing else would ever stop them. `launcher_pid`: that process, on this
+        machine: its death is noticed before the store's client does (which logs a C++ stack
+        trace on a closed connection)."""
         self.rank = rank
+        self.launcher_pid = launcher_pid
         self.addr = addr
         self.port = port
         self.exit_on_store_loss = exit_on_store_loss
@@ -50,6 +54,8 @@ class FailureWatch:
             while not store.check([FAILED_KEY]):
                 if self._stop.wait(POLL_S):
                     return
+                if self.launcher_pid is not None and not _alive(self.launcher_pid):
+                    raise ConnectionError("the launcher process is gone")
             cause = store.get(FAILED_KEY).decode()
         except Exception:
             if self.exit_on_store_loss and not self._stop.is_set():
@@ -68,6 +74,23 @@ class FailureWatch:
             client_store(self.addr, self.port, timeout_s=5).set(FAILED_KEY, message)
         except Exception:
             pass
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` still runs (a zombie does not)."""
+    if os.path.isdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        except OSError:
+            return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def store_address() -> tuple[str, int] | None:

@@ -15,7 +15,7 @@ import time
 
 from comms.groups import listening_store
 from launch.processes import rank_context
-from launch.worker import AGREE_S, RankFailedError, RequestFailedError, worker_main
+from launch.worker import AGREE_S, LAUNCHER_PID_ENV, RankFailedError, RequestFailedError, worker_main
 
 PEER_STOPPED_EXIT = 3  # comms.failure.EXIT_CODE: a rank that stopped because a peer failed
 START_TIMEOUT_S = 600.0
@@ -45,7 +45,7 @@ class LocalLauncher:
             ctx.Process(
                 target=worker_main,
                 args=(rank, world_size, self._store.port, model, parallel, device, dtype, self._requests[rank], self._results,
-                      (self._stop, self._consumed), setup, dict(os.environ)),
+                      (self._stop, self._consumed), setup, dict(os.environ, **{LAUNCHER_PID_ENV: str(os.getpid())})),
                 name=f"tessera-rank{rank}",
                 daemon=True,
             )

@@ -14,16 +14,26 @@ TESSERA_START_METHOD=spawn is set, ranks are spawned as before.
 
 from __future__ import annotations
 
-import torch.multiprocessing as mp
 import os
+import sys
+
+import torch.multiprocessing as mp
 
 ENV = "TESSERA_START_METHOD"
 # What every rank imports before it can load a model; the server imports them once.
 PRELOAD = ["torch", "torch.distributed", "diffusers", "transformers", "engine.runtime.image", "launch.worker"]
 
 
+# The resource tracker (a helper process multiprocessing starts with the first queue) warns
+# about "leaked semaphores" when the launcher was killed (-9) and cleans them up anyway: a
+# message that means nothing to a user. It takes its warning filters from sys.warnoptions.
+QUIET_TRACKER = "ignore:resource_tracker:UserWarning"
+
+
 def rank_context():
     """The multiprocessing context local ranks are started with."""
+    if QUIET_TRACKER not in sys.warnoptions:
+        sys.warnoptions.append(QUIET_TRACKER)
     method = os.environ.get(ENV) or ("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
     if method not in ("forkserver", "spawn"):
         from parallel.errors import ConfigError

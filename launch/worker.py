@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import traceback
 
+LAUNCHER_PID_ENV = "TESSERA_LAUNCHER_PID"  # the local launcher's process, watched by its ranks
 AGREE_S = 2.0  # how long the other ranks may take to fail the same way (then the request failed alone)
 
 
@@ -105,7 +106,9 @@ def worker_main(rank, world_size, store_port, model, parallel, device, dtype, re
         from engine.runtime.image import make_runtime
         from engine.runtime.video import StreamRequest
 
-        watch = FailureWatch(rank, "127.0.0.1", store_port, exit_on_store_loss=True)
+        launcher = os.environ.get(LAUNCHER_PID_ENV)
+        watch = FailureWatch(rank, "127.0.0.1", store_port, exit_on_store_loss=True,
+                             launcher_pid=int(launcher) if launcher else None)
         store = client_store("127.0.0.1", store_port, parallel.comm_timeout_s)
         topo = init_distributed(rank, world_size, rank, device, parallel.comm_timeout_s, store=store)
         runtime = make_runtime(model, topo, dtype, setup)

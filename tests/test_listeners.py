@@ -88,7 +88,9 @@ def _gone(pid: int) -> bool:
         return True
 
 
-def test_local_run_listens_on_loopback_only_and_ctrl_c_stops_it(tmp_path):
+def _start_denoising(tmp_path):
+    """A local 2-rank CLI run, returned once rank 0's progress bar shows the ranks denoising:
+    (process, its stderr so far as a growing bytearray, the reader thread)."""
     cmd = [sys.executable, "-m", "launch.cli", "generate", "--model", "tiny-sd", "--nproc", "2", "--height", "128",
            "--width", "128", "--steps", "500", "--guidance", "1", "--out", str(tmp_path / "x.png")]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -96,11 +98,35 @@ def test_local_run_listens_on_loopback_only_and_ctrl_c_stops_it(tmp_path):
     err = bytearray()
     reader = threading.Thread(target=lambda: [err.extend(b) for b in iter(lambda: os.read(proc.stderr.fileno(), 4096), b"")])
     reader.start()
+    deadline = time.monotonic() + 240
+    while not re.search(rb" \d+/500 ", bytes(err)):  # rank 0's progress bar: the ranks are denoising
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            reader.join(timeout=10)
+            raise AssertionError(bytes(err).decode()[-2000:])
+        time.sleep(0.2)
+    return proc, err, reader
+
+
+def test_ranks_of_a_killed_launcher_stop_with_one_line_each(tmp_path):
+    proc, err, reader = _start_denoising(tmp_path)
+    ranks = _ranks(proc.pid)
+    proc.kill()  # SIGKILL: the launcher cannot clean up
+    proc.wait(timeout=30)
+    sent = time.monotonic()
+    while not all(_gone(p) for p in ranks) and time.monotonic() - sent < 10:
+        time.sleep(0.05)
+    assert all(_gone(p) for p in ranks), "ranks outlived their launcher"
+    time.sleep(1.0)  # what the ranks and the resource tracker still print
+    reader.join(timeout=10)
+    text = bytes(err).decode()
+    assert text.count("stopping: the launcher's store is gone") == 2, text[-2000:]
+    assert "frame #" not in text and "leaked semaphore" not in text and "Traceback" not in text, text[-3000:]
+
+
+def test_local_run_listens_on_loopback_only_and_ctrl_c_stops_it(tmp_path):
+    proc, err, reader = _start_denoising(tmp_path)
     try:
-        deadline = time.monotonic() + 240
-        while not re.search(rb" \d+/500 ", bytes(err)):  # rank 0's progress bar: the ranks are denoising
-            assert proc.poll() is None and time.monotonic() < deadline, bytes(err).decode()[-2000:]
-            time.sleep(0.2)
         pids = [proc.pid, *_children(proc.pid)]
         ranks = _ranks(proc.pid)
         assert len(ranks) == 2
