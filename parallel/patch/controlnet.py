@@ -19,7 +19,7 @@ from torch import nn
 from parallel.patch.attention import PatchSelfAttnProcessor
 from parallel.patch.context import PatchContext
 from parallel.patch.install import check_patch_aware, install_processors, swap_layers
-from parallel.patch.split import take_cfg_half
+from parallel.patch.split import cut_rows, start_step
 
 # ControlNet forward arguments whose first dimension is the batch.
 _BATCHED = ("sample", "timestep", "encoder_hidden_states", "controlnet_cond", "timestep_cond", "class_labels",
@@ -39,20 +39,13 @@ def _make_pre_hook(ctx: PatchContext, signature):
     def pre_hook(module, args, kwargs):
         if not ctx.enabled:
             return None
-        ctx.begin_step()
-        arguments = dict(signature.bind(*args, **kwargs).arguments)
-        if arguments.get("guess_mode"):
+        if kwargs.get("guess_mode"):
             raise NotImplementedError("ControlNet guess_mode is not patch-parallel (it runs on the conditional half only)")
-        take_cfg_half(arguments, ctx.layout, arguments["sample"].shape[0], _BATCHED, nested=("added_cond_kwargs",))
+        arguments = start_step(ctx, signature, args, kwargs, _BATCHED)
         if ctx.splits_rows:
-            plan, index = ctx.plan, ctx.index
-            lo, hi = plan.starts[index], plan.ends[index]
-            sample, cond = arguments["sample"], arguments["controlnet_cond"]
-            pixels = cond.shape[-2] // plan.height  # conditioning rows per latent row (the VAE factor)
-            arguments["sample"] = sample[:, :, lo:hi]
-            arguments["controlnet_cond"] = cond[:, :, lo * pixels : hi * pixels]
-            ctx.hold_whole(arguments["sample"], sample)
-            ctx.hold_whole(arguments["controlnet_cond"], cond)
+            cut_rows(ctx, arguments, "sample")
+            pixels = arguments["controlnet_cond"].shape[-2] // ctx.plan.height  # rows per latent row (VAE factor)
+            cut_rows(ctx, arguments, "controlnet_cond", pixels)
         return (), arguments
 
     return pre_hook

@@ -37,6 +37,25 @@ def take_cfg_half(arguments: dict, layout, batch: int, batched: tuple[str, ...],
             arguments[name] = {k: _slice_batch(v, lo, hi, batch) for k, v in arguments[name].items()}
 
 
+def start_step(ctx, signature, args, kwargs, batched: tuple[str, ...]) -> dict:
+    """A UNet-style model's call as this rank's step: its arguments bound by name and cut
+    to this rank's CFG half (the batch is `sample`'s)."""
+    ctx.begin_step()
+    arguments = dict(signature.bind(*args, **kwargs).arguments)
+    take_cfg_half(arguments, ctx.layout, arguments["sample"].shape[0], batched, nested=("added_cond_kwargs",))
+    return arguments
+
+
+def cut_rows(ctx, arguments: dict, name: str, scale: int = 1) -> None:
+    """Replace `arguments[name]` by this rank's row band (`scale` rows per latent row: 1 for
+    latents, the VAE factor for a conditioning image). Every rank holds the input whole, so
+    the first convs take their halo rows from it fresh (PatchContext.hold_whole)."""
+    full, plan = arguments[name], ctx.plan
+    band = full[:, :, plan.starts[ctx.index] * scale : plan.ends[ctx.index] * scale]
+    arguments[name] = band
+    ctx.hold_whole(band, full)
+
+
 def gather_pieces(ctx, local: torch.Tensor, dim: int, band_size: Callable[[int], int]) -> torch.Tensor:
     """Every rank's piece assembled: bands concatenated along `dim` (band j has
     `band_size(j)` entries there), CFG halves along the batch."""

@@ -21,7 +21,7 @@ from torch import nn
 from parallel.patch.attention import PatchSelfAttnProcessor
 from parallel.patch.context import PatchContext
 from parallel.patch.install import check_patch_aware, install_processors, swap_layers
-from parallel.patch.split import gather_pieces, take_cfg_half
+from parallel.patch.split import cut_rows, gather_pieces, start_step
 
 # UNet forward arguments whose first dimension is the batch.
 _BATCHED = ("sample", "encoder_hidden_states", "timestep_cond", "class_labels", "attention_mask", "encoder_attention_mask")
@@ -51,15 +51,9 @@ def _make_pre_hook(ctx: PatchContext, signature):
     def pre_hook(module, args, kwargs):
         if not ctx.enabled:
             return None
-        ctx.begin_step()
-        arguments = dict(signature.bind(*args, **kwargs).arguments)
-        sample = arguments["sample"]
-        take_cfg_half(arguments, ctx.layout, sample.shape[0], _BATCHED + ("timestep",), nested=("added_cond_kwargs",))
+        arguments = start_step(ctx, signature, args, kwargs, _BATCHED + ("timestep",))
         if ctx.splits_rows:
-            plan = ctx.plan
-            full = arguments["sample"]
-            arguments["sample"] = full[:, :, plan.starts[ctx.index] : plan.ends[ctx.index]]
-            ctx.hold_whole(arguments["sample"], full)  # conv_in's halo comes fresh from it
+            cut_rows(ctx, arguments, "sample")  # conv_in's halo comes fresh from the whole latent
         return (), arguments
 
     return pre_hook
