@@ -5,6 +5,7 @@ and gloo."""
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import numpy as np
@@ -132,6 +133,19 @@ def test_a_failing_rank_ends_the_stream_with_its_error(monkeypatch):
         with pytest.raises(RankFailedError, match="rank 1 failed: RuntimeError: injected fault at chunk 2"):
             list(engine.stream(PROMPT, num_chunks=10, steps=3))
         assert time.monotonic() - start < 60
+    finally:
+        engine.close()
+
+
+def test_a_rank_killed_mid_stream_is_named():
+    engine = _tpp(2)
+    try:
+        stream = iter(engine.stream(PROMPT, num_chunks=200, steps=2))
+        next(stream)  # the pipeline is running
+        os.kill(engine._backend._procs[1].pid, signal.SIGKILL)
+        with pytest.raises(RankFailedError, match="rank 1 died \\(killed by SIGKILL\\)"):
+            for _ in stream:
+                pass
     finally:
         engine.close()
 
