@@ -249,7 +249,7 @@ class Engine:
           scale) and `scheduler_options` (e.g. {"use_karras_sigmas": True}) as in diffusers.
         - `callback(step, preview)` is called in this process every `callback_steps` steps with
           rank 0's current latents (`preview="latents"`, a float32 numpy array) or their
-          decoded images (`preview="image"`, uint8 (B, H, W, 3)); not with the Ray launcher.
+          decoded images (`preview="image"`, uint8 (B, H, W, 3)).
         - SDXL base and refiner: `denoising_end=0.8` stops the base there (its `result.latents`
           are the hand-over); the refiner's engine takes them as `image=` with `denoising_start=0.8`.
         - `ip_adapter_image`: the image prompt of the IP-Adapter loaded with `load_ip_adapter`."""

@@ -89,17 +89,21 @@ class RankActor:
         self.runtime = make_runtime(model, topo, dtype, setup)
         return self.runtime.info
 
-    def run(self, request):
+    def run(self, request, previews=None):
         """("ok", rank 0's output) or ("request_error", summary, traceback, point): whether a
-        request that failed here failed alone (alike on every rank) is the launcher's call."""
+        request that failed here failed alone (alike on every rank) is the launcher's call.
+        `previews`: a Ray queue rank 0 puts (step, preview) into for the caller."""
         import traceback
 
         from launch.worker import summarize
 
+        self.runtime.preview_sink = (lambda step, preview: previews.put((step, preview))) if previews is not None else None
         try:
             output = self.runtime.run(request)
         except Exception as exc:
             return ("request_error", summarize(exc), traceback.format_exc(), (summarize(exc), self.runtime.topo.barriers))
+        finally:
+            self.runtime.preview_sink = None
         return ("ok", output if self.rank == 0 else None)
 
     def stream(self, request, frames, control):
@@ -250,13 +254,36 @@ class RayLauncher:
 
     # -- requests -----------------------------------------------------------------------
     def run(self, request, on_preview=None):
-        if on_preview is not None:  # nothing carries them from an actor to the caller yet
-            raise ConfigError("previews (generate(callback=...)) need the local launcher, torchrun or one rank; "
-                              "the Ray launcher does not deliver them")
         if self.closed:
             raise RankFailedError("this engine's Ray actors are stopped; call engine.restart() or make a new engine")
-        refs = [actor.run.remote(request) for actor in self._actors]
-        results = self._gather(refs, "run", None, agree=True)
+        if on_preview is None:
+            refs = [actor.run.remote(request) for actor in self._actors]
+            return self._gather(refs, "run", None, agree=True)[0][1]
+        from ray.util.queue import Empty, Queue
+
+        previews = Queue(actor_options={"num_cpus": 0})  # rank 0 -> this process, while the ranks work
+        errors = []
+
+        def deliver():
+            while True:
+                try:
+                    step, preview = previews.get(block=False)
+                except Empty:
+                    return
+                if not errors:
+                    try:
+                        on_preview(step, preview)
+                    except Exception as exc:  # the caller's code: raised once every rank answered
+                        errors.append(exc)
+
+        try:
+            refs = [actor.run.remote(request, previews if rank == 0 else None) for rank, actor in enumerate(self._actors)]
+            results = self._gather(refs, "run", None, agree=True, poll=deliver)
+            deliver()  # what rank 0 put before it returned
+        finally:
+            self._kill_helpers(previews.actor)
+        if errors:
+            raise errors[0]
         return results[0][1]
 
     def stream(self, request):
@@ -319,11 +346,11 @@ class RayLauncher:
                 self._gather(refs, "stream", None)  # raises with the root cause
         return len(ready) == len(refs)
 
-    def _gather(self, refs: list, what: str, timeout_s: float | None, agree: bool = False) -> list:
+    def _gather(self, refs: list, what: str, timeout_s: float | None, agree: bool = False, poll=None) -> list:
         """Every rank's result of one call; the first error or dead actor fails them all.
         `agree`: results are ("ok", ...) or ("request_error", ...) (RankActor.run); a request
         error on every rank at the same point fails the request alone (RequestFailedError, the
-        actors stay), anything else fails the group."""
+        actors stay), anything else fails the group. `poll()` runs between waits (previews)."""
         ray = self._ray
         rank_of = {ref: rank for rank, ref in enumerate(refs)}
         results: dict = {}
@@ -331,6 +358,8 @@ class RayLauncher:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while pending:
             ready, pending = ray.wait(pending, num_returns=len(pending), timeout=POLL_S)
+            if poll is not None:
+                poll()
             for ref in ready:
                 try:
                     results[rank_of[ref]] = ray.get(ref)

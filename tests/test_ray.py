@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 
 ray = pytest.importorskip("ray")
@@ -63,6 +64,14 @@ def test_a_request_that_fails_on_every_rank_fails_alone_on_ray(ray_engine):
         ray_engine.generate(PROMPT, seed=1, **dict(REQUEST, num_inference_steps=1001))
     assert ray_engine._backend.actor_pids() == pids  # the same actors
     assert len(ray_engine.generate(PROMPT, seed=1, **REQUEST).images) == 1
+
+
+def test_previews_reach_the_driver_from_rank_0(ray_engine):
+    seen = []
+    result = ray_engine.generate(PROMPT, seed=1, callback=lambda step, latents: seen.append((step, latents)),
+                                 callback_steps=2, **REQUEST)
+    assert [step for step, _ in seen] == [1, 3]
+    np.testing.assert_array_equal(seen[-1][1], result.latents.numpy())
 
 
 def test_concurrent_driver_threads_each_get_their_own_image(pool, ray_engine):
