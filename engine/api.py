@@ -111,6 +111,7 @@ class Engine:
         self._lora_sources: dict = {}  # LoRA name -> path or state dict
         self._lora_confirmed: set = set()  # names every rank holds (their sources need not travel)
         self._ip_adapter: tuple | None = None  # (source, subfolder, weight name, scale)
+        self._release_controlnets = False
         self.auto_restart = False  # bring a failed group back before the next request
         self._closed = False  # closed by the caller (never auto-restarted)
         self.device_type = "cpu"  # what the ranks compute on, for the memory bound
@@ -300,10 +301,12 @@ class Engine:
             self._restart_if_failed()
             loras = tuple((name, None if name in self._lora_confirmed else self._lora_sources[name], weight)
                           for name, weight in self.adapters.items())
-            request = replace(request, loras=loras, ip_adapter=self._ip_adapter)
+            request = replace(request, loras=loras, ip_adapter=self._ip_adapter,
+                              release_controlnets=self._release_controlnets)
             self._lora_confirmed = set()  # until the ranks answer (a failed request may leave them anywhere)
             output = self._backend.run(request, on_preview=callback) if callback else self._backend.run(request)
             self._lora_confirmed = set(self.adapters)
+            self._release_controlnets = False
         if output.images is None:
             return GenerateResult(report=output.report)
         from PIL import Image
@@ -341,6 +344,11 @@ class Engine:
         if self._ip_adapter is None:
             raise ConfigError("no IP-Adapter is loaded")
         self._ip_adapter = None
+
+    def release_controlnets(self) -> None:
+        """Free the ControlNets the ranks loaded (with the next request; one that request
+        names is loaded again). Each ControlNet a request names stays loaded until then."""
+        self._release_controlnets = True
 
     def unload_lora(self, name: str) -> None:
         if name not in self.adapters:

@@ -60,6 +60,7 @@ class GenerateRequest:
     # name, scale) or None.
     loras: tuple = ()
     ip_adapter: tuple | None = None
+    release_controlnets: bool = False  # free every ControlNet the ranks hold, before this request
     ip_adapter_image: np.ndarray | None = None  # (H, W, 3) uint8: the image prompt of a loaded IP-Adapter
 
     @property

@@ -84,6 +84,10 @@ def test_controlnet_is_patch_parallel_and_exact(engine, pictures):
                             parallel=ParallelConfig(strategy="patch", warmup_steps=2, cfg_split=False), controlnet="tiny-controlnet",
                             control_image=control, compare_serial=True)
     assert stale.report["vs_serial"]["psnr_db"] > 25
+    engine.release_controlnets()  # freed on the ranks with the next request; named again, loaded again
+    exact(engine, height=64, width=64)
+    again = exact(engine, height=64, width=64, controlnet="tiny-controlnet", control_image=control)
+    np.testing.assert_allclose(again.latents.numpy(), guided.latents.numpy(), rtol=0, atol=1e-6)
 
 
 def _random_lora(path):

@@ -32,6 +32,17 @@ class AddOns:
         called once per step (its context counts steps)."""
         return [(spec, specs[:i].count(spec)) for i, spec in enumerate(specs)]
 
+    def release_controlnets(self) -> None:
+        """Drop every loaded ControlNet (their hooks and contexts go with them)."""
+        import gc
+
+        self.controlnets.clear()
+        self._multi.clear()
+        self.pipelines.clear()  # workflow pipelines hold their ControlNet
+        gc.collect()
+        if self.topo.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def controlnet_for(self, specs: tuple[str, ...]):
         """None, the ControlNetModel or a MultiControlNetModel for `specs` (loaded once)."""
         if not specs:

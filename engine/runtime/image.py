@@ -244,6 +244,9 @@ class RankRuntime:
         store_barrier(self.topo, "request")
         scheduler = self._set_scheduler(request.scheduler, request.seed, request.scheduler_options)
         self._progress = dict(disable=not (request.progress and rank == 0), leave=False)
+        if request.release_controlnets:
+            self._controlnet = None  # the last request's, or it would outlive the release
+            self.addons.release_controlnets()
         self.addons.apply_adapters(request)
         self._controlnet = self.addons.controlnet_for(request.controlnets)
         self.stats.reset(trace=cfg.trace_comms)
