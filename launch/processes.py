@@ -42,7 +42,25 @@ def rank_context():
     ctx = mp.get_context(method)
     if method == "forkserver":
         ctx.set_forkserver_preload(PRELOAD)
+        _start_fork_server()
     return ctx
+
+
+def _start_fork_server() -> None:
+    """Start the fork server (once per process) with torch's C++ log level at ERROR unless
+    the caller chose one: c10 reads it when torch is imported, which happens in the server.
+    A rank whose launcher was killed would otherwise print the store client's C++ stack trace
+    before its own one-line message (comms.failure) when the two race."""
+    from multiprocessing import forkserver
+
+    chosen = "TORCH_CPP_LOG_LEVEL" in os.environ
+    if not chosen:
+        os.environ["TORCH_CPP_LOG_LEVEL"] = "ERROR"
+    try:
+        forkserver.ensure_running()
+    finally:
+        if not chosen:
+            del os.environ["TORCH_CPP_LOG_LEVEL"]
 
 
 def adopt_environment(env: dict) -> None:
