@@ -152,8 +152,10 @@ def test_api_refuses_bad_engine_arguments():
 
 def test_warmup_covering_every_step_warns_that_the_run_is_exact():
     config = ParallelConfig(strategy="patch", world_size=2, warmup_steps=4)
-    with pytest.warns(UserWarning, match="every exchange is fresh"):
-        build_request(describe_model("tiny-sd"), config, "x", height=128, width=128, num_inference_steps=4)
+    with pytest.warns(UserWarning, match="every exchange is fresh") as caught:
+        request = build_request(describe_model("tiny-sd"), config, "x", height=128, width=128, num_inference_steps=4)
+    assert request.parallel.strategy == "patch"  # a warning, not a refusal: the run goes ahead, exactly
+    assert sum("every exchange is fresh" in str(w.message) for w in caught) == 1
 
 
 def test_a_request_cannot_change_what_the_engine_fixed(pool):

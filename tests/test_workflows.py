@@ -124,7 +124,10 @@ def test_dit_img2img_is_exact(pool, pictures):
     """The transformer pipelines' img2img (SD3 here) through the same token-band layers."""
     image, _, _ = pictures
     engine = pool.parallel_engine("tiny-sd3", 2)
-    exact(engine, image=image, strength=0.7)
+    result = exact(engine, image=image, strength=0.7)
+    assert result.report["vs_serial"]["latent_rel_l2"] <= 1e-5
+    assert result.latents.shape == (1, 16, 8, 8)  # SD3's 16-channel latents at the image's size
+    assert all(part["bytes_sent"] > 0 for part in result.report["per_rank"])  # both ranks really exchanged
 
 
 def test_previews_reach_the_caller_from_rank_0(engine):
@@ -177,7 +180,10 @@ def test_a_nine_channel_inpainting_unet_is_exact(pictures):
     image, _, mask = pictures
     with Engine.from_pretrained("tiny-sd", parallel=ParallelConfig(strategy="patch", world_size=2),
                                 setup=nine_channel_unet) as nine:
-        exact(nine, image=image, mask_image=mask, strength=0.9)
+        result = exact(nine, image=image, mask_image=mask, strength=0.9)
+        assert result.report["vs_serial"]["latent_rel_l2"] <= 1e-5
+        assert result.latents.shape == (1, 4, 8, 8)  # the 9 input channels: latents + mask + masked image
+        assert all(part["bytes_sent"] > 0 for part in result.report["per_rank"])
 
 
 def test_a_failing_preview_callback_fails_its_request_only(engine):
