@@ -33,7 +33,7 @@ from engine.workflows import check_ip_adapter, check_lora, check_setup
 from engine.results import GenerateResult, VideoStream
 from launch.backend import Backend
 from launch.inprocess import InProcess
-from parallel.config import ConfigError, ParallelConfig
+from parallel.config import ConfigError, ParallelConfig, is_int
 from parallel.registry import default_strategy, strategy_of, video_strategies
 
 
@@ -90,7 +90,7 @@ def _callback_steps(callback, steps) -> int:
         return 0
     if not callable(callback):
         raise ConfigError(f"callback must be a function (step, preview), got {type(callback).__name__}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if not is_int(steps) or steps < 1:
         raise ConfigError(f"callback_steps must be a positive integer, got {steps!r}")
     return steps
 

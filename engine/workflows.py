@@ -13,6 +13,7 @@ import math
 import numpy as np
 
 from engine.inputs import is_latents, latent_array, mask_array, rgb_array, to_pil
+from parallel.config import is_number
 from parallel.errors import ConfigError
 
 # Base pipeline -> the workflows this engine runs with it (diffusers has the pipeline and
@@ -26,13 +27,16 @@ WORKFLOWS = {
 }
 
 
+def _finite(value) -> bool:
+    return is_number(value) and math.isfinite(value)
+
+
 def workflow_of(image: bool, mask: bool) -> str:
     return "inpaint" if mask else "img2img" if image else "text2img"
 
 
 def _fraction(value, what: str, low_open: bool = True) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not (0 < value <= 1 if low_open else 0 <= value <= 1):
+    if not _finite(value) or not (0 < value <= 1 if low_open else 0 <= value <= 1):
         raise ConfigError(f"{what} must be a number in {'(0, 1]' if low_open else '[0, 1]'}, got {value!r}")
     return float(value)
 
@@ -116,7 +120,7 @@ def _check_handoff(info, image, denoising_start, denoising_end) -> dict:
         if value is not None:
             if info.pipeline not in HANDOFF_PIPELINES:
                 raise ConfigError(f"{what} hands over between an SDXL base and refiner; {info.name} is a {info.pipeline}")
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+            if not is_number(value) or not 0 < value < 1:
                 raise ConfigError(f"{what} must be a number in (0, 1), got {value!r}")
     if denoising_start is not None and image is None:
         raise ConfigError("denoising_start needs image: the latents (or picture) the refiner continues from")
@@ -164,7 +168,7 @@ def check_workflow(info, strategy, image, mask_image, strength, controlnets, con
         if len(scale_list) != len(specs):
             raise ConfigError(f"{len(scale_list)} controlnet_conditioning_scale value(s) for {len(specs)} ControlNet(s)")
         for s in scale_list:
-            if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
+            if not _finite(s):
                 raise ConfigError(f"controlnet_conditioning_scale must be finite numbers, got {s!r}")
         out.update(controlnets=specs, controlnet_scales=tuple(float(s) for s in scale_list),
                    control_images=tuple(rgb_array(img, f"control_image[{i}]") for i, img in enumerate(images)))
@@ -178,7 +182,7 @@ def check_workflow(info, strategy, image, mask_image, strength, controlnets, con
             if name not in loaded_adapters:
                 raise ConfigError(f"adapter {name!r} is not loaded (loaded: {', '.join(loaded_adapters) or 'none'}); "
                                   "call engine.load_lora first")
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            if not _finite(weight):
                 raise ConfigError(f"adapter {name!r}: weight must be a finite number, got {weight!r}")
         out["adapters"] = tuple((name, float(w)) for name, w in adapters.items())
     return out
@@ -205,15 +209,15 @@ def check_ip_adapter(source, scale, info) -> None:
 
     if info.pipeline not in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
         raise ConfigError(f"{info.name}: IP-Adapters are supported on SD 1.x and SDXL pipelines, not {info.pipeline}")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    if not _finite(scale):
         raise ConfigError(f"IP-Adapter scale must be a finite number, got {scale!r}")
     if not isinstance(source, str) or not source:
         raise ConfigError(f"IP-Adapter: give a preset ({', '.join(IP_ADAPTER_PRESETS)}), a directory or a hub id")
     if source in IP_ADAPTER_PRESETS or os.path.isdir(source):
         return
-    if source.count("/") != 1 or source.startswith((".", "/")) or \
-            os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        raise ConfigError(f"IP-Adapter {source!r}: not a preset, not a directory, and no hub is reachable")
+    from engine.models.loading import check_hub_id
+
+    check_hub_id(source, "IP-Adapter", f"not a preset ({', '.join(IP_ADAPTER_PRESETS)}), not a directory")
 
 
 def check_lora(name, source, weight, info) -> None:
@@ -224,7 +228,7 @@ def check_lora(name, source, weight, info) -> None:
         raise ConfigError(f"adapter name must be an identifier-like string, got {name!r}")
     if not hasattr(info, "pipeline") or info.pipeline not in WORKFLOWS:
         raise ConfigError(f"{getattr(info, 'name', info)}: LoRA adapters are supported on {', '.join(WORKFLOWS)}")
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+    if not _finite(weight):
         raise ConfigError(f"adapter {name!r}: weight must be a finite number, got {weight!r}")
     if isinstance(source, dict):
         if not source:
@@ -233,9 +237,10 @@ def check_lora(name, source, weight, info) -> None:
     if not isinstance(source, (str, os.PathLike)):
         raise ConfigError(f"adapter {name!r}: give a path, a hub id or a state dict, got {type(source).__name__}")
     path = os.fspath(source)
-    if not os.path.exists(path) and (path.count("/") != 1 or path.startswith((".", "/"))
-                                     or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")):
-        raise ConfigError(f"adapter {name!r}: {path} does not exist")
+    if not os.path.exists(path):
+        from engine.models.loading import check_hub_id
+
+        check_hub_id(path, f"adapter {name!r} source", "it does not exist")
 
 
 def check_setup(setup, model: str) -> None:

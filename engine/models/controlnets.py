@@ -35,11 +35,9 @@ def check_controlnet_spec(spec) -> None:
         if kind != "ControlNetModel":  # union / SD3 / Flux ControlNets are other classes, not patch-parallel here
             raise ConfigError(f"controlnet {spec}: {config} describes a {kind}, not a ControlNetModel")
         return
-    if spec.count("/") != 1 or spec.startswith((".", "/")):
-        raise ConfigError(f"unknown controlnet {spec!r}: not a preset ({', '.join(CONTROLNET_PRESETS)}), "
-                          "not a local directory, not a hub id")
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        raise ConfigError(f"controlnet {spec!r} looks like a hub id but HF_HUB_OFFLINE is set")
+    from engine.models.loading import check_hub_id
+
+    check_hub_id(spec, "controlnet", f"not a preset ({', '.join(CONTROLNET_PRESETS)}), not a local directory")
 
 
 def _tiny_controlnet(base: str):

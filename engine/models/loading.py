@@ -92,14 +92,17 @@ def check_model_spec(model: str) -> None:
             raise ConfigError(f"{model} is a directory but not a diffusers pipeline (no model_index.json)")
         _check_pipeline_dir(model)
         return
-    looks_like_hub_id = model.count("/") == 1 and not model.startswith((".", "/"))
-    if not looks_like_hub_id:
-        raise ConfigError(
-            f"unknown model {model!r}: not a preset ({', '.join(preset_names())}), "
-            "not a local diffusers directory, not a hub id"
-        )
+    check_hub_id(model, "model", f"not a preset ({', '.join(preset_names())}), not a local diffusers directory")
+
+
+def check_hub_id(spec: str, what: str, not_else: str) -> None:
+    """Refuse `spec` (no preset, no local path) unless it looks like a hub id and the hub may be
+    used: `not_else` says what else it is not."""
+    if spec.count("/") != 1 or spec.startswith((".", "/")):
+        raise ConfigError(f"unknown {what} {spec!r}: {not_else}, not a hub id")
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        raise ConfigError(f"model {model!r} looks like a hub id but HF_HUB_OFFLINE is set; use a preset or a local directory")
+        raise ConfigError(f"{what} {spec!r} looks like a hub id but HF_HUB_OFFLINE is set; use a preset or a local "
+                          "directory")
 
 
 # DiT denoisers: latent rows per row of tokens. Flux packs 2x2 latents into one token.

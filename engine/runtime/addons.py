@@ -7,6 +7,8 @@ add-ons at the same point (loading is collective: the weights are compared acros
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from comms.collectives import check_same_weights
@@ -87,28 +89,31 @@ class AddOns:
             raise
 
     # -- IP-Adapter --------------------------------------------------------------
-    def _load_ip_adapter(self, source, subfolder, weight_name, scale: float) -> None:
-        from engine.models.ip_adapters import load_ip_adapter
+    @contextmanager
+    def _processors_rebuilt(self):
+        """Around diffusers' IP-Adapter (un)loaders, which rebuild every attention processor
+        from its class with no arguments: the originals go back first, and self-attention is
+        made patch-aware again afterwards (new convs swapped too)."""
         from parallel.patch.install import unwrap_processors
 
-        unet = self.pipe.unet
-        unwrap_processors(unet)  # diffusers rebuilds every processor from its class, with no arguments
+        unwrap_processors(self.pipe.unet)
         try:
-            load_ip_adapter(self.pipe, source, subfolder, weight_name)
+            yield
         finally:
-            self.denoiser_ctx.cover_new_layers()  # self-attention patch-aware again, the new convs swapped
+            self.denoiser_ctx.cover_new_layers()
+
+    def _load_ip_adapter(self, source, subfolder, weight_name, scale: float) -> None:
+        from engine.models.ip_adapters import load_ip_adapter
+
+        with self._processors_rebuilt():
+            load_ip_adapter(self.pipe, source, subfolder, weight_name)
         self.pipe.set_ip_adapter_scale(scale)
         self.ip_adapter = (source, subfolder, weight_name, scale)
         self.pipelines.clear()  # workflow pipelines were built before the image encoder existed
 
     def _unload_ip_adapter(self) -> None:
-        from parallel.patch.install import unwrap_processors
-
-        unwrap_processors(self.pipe.unet)
-        try:
+        with self._processors_rebuilt():
             self.pipe.unload_ip_adapter()  # sets default processors on every layer
-        finally:
-            self.denoiser_ctx.cover_new_layers()
         self.ip_adapter = None
         self.pipelines.clear()
 
