@@ -17,12 +17,14 @@ import warnings
 # Regexes searched in a warning's or log record's message. Each one means nothing for a
 # Tessera run: a deprecated argument name the engine passes for older diffusers versions,
 # optional speed-ups of model *loading* (accelerate) or of image processors the engine never
-# uses (torchvision), and a note about a dtype cast of modules that the engine casts on purpose.
+# uses (torchvision), a note about a dtype cast of modules that the engine casts on purpose, and
+# diffusers' note that a LoRA has no text-encoder part (most LoRAs adapt the denoiser only).
 KNOWN_HARMLESS = (
     r"`torch_dtype` is deprecated",
     r"Cannot initialize model with low cpu memory usage because `accelerate`",
     r"requires torchvision \(not installed\)",
     r"modules in \w+ that should be kept in float32",
+    r"No LoRA keys associated to \w+ found with the prefix",
 )
 LIBRARIES = ("diffusers", "transformers")
 _PATTERN = re.compile("|".join(KNOWN_HARMLESS))

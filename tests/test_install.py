@@ -65,3 +65,20 @@ def test_the_guard_covers_dit_processors():
     pipe.transformer.set_attn_processor(AttnProcessor2_0())
     with pytest.raises(ConfigError, match=r"attn1\.processor"):
         ctx.check_installed()
+
+
+def test_the_guard_refuses_dora_convs_in_training_mode():
+    """peft's DoRA reuses the patch-aware base conv's output at inference; in training mode
+    with dropout it convolves the band itself (zero rows at band edges), so that is refused."""
+    import pytest
+    from peft import LoraConfig
+    from parallel.errors import ConfigError
+
+    pipe, ctx = _installed()
+    pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, use_dora=True, lora_dropout=0.1, target_modules=["conv1"]))
+    ctx.cover_new_layers()  # what Engine.load_lora does: peft's 3x3 lora_A becomes patch-aware
+    pipe.unet.eval()  # and then this (engine.models.loading.inference_mode)
+    ctx.check_installed()  # exact (tests/test_workflows.py checks DoRA on 2 ranks)
+    pipe.unet.train()
+    with pytest.raises(ConfigError, match=r"resnets\.0\.conv1: a DoRA adapter with dropout in training mode"):
+        ctx.check_installed()

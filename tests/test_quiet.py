@@ -8,7 +8,8 @@ from engine.quiet import KNOWN_HARMLESS, is_known_harmless, quiet_libraries
 LISTED = ("`torch_dtype` is deprecated and will be removed in version 1.0.0. Please use `dtype` instead.",
           "Cannot initialize model with low cpu memory usage because `accelerate` was not found in the environment.",
           "`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil`",
-          "There are modules in AutoencoderKL that should be kept in float32: ['x']. Casting directly ...")
+          "There are modules in AutoencoderKL that should be kept in float32: ['x']. Casting directly ...",
+          "No LoRA keys associated to CLIPTextModel found with the prefix='text_encoder'. This is safe to ignore ...")
 UNLISTED = "something the user should see"
 
 

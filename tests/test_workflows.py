@@ -90,8 +90,8 @@ def test_controlnet_is_patch_parallel_and_exact(engine, pictures):
     np.testing.assert_allclose(again.latents.numpy(), guided.latents.numpy(), rtol=0, atol=1e-6)
 
 
-def _random_lora(path):
-    """A LoRA on the UNet's 3x3 convs and attention projections, with nonzero up weights."""
+def _random_lora(path, dora=False):
+    """A LoRA (or DoRA) on the UNet's 3x3 convs and attention projections, with nonzero up weights."""
     from diffusers import StableDiffusionPipeline
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
@@ -100,7 +100,7 @@ def _random_lora(path):
 
     unet = PRESETS["tiny-sd"]().unet
     torch.manual_seed(11)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, use_dora=dora,
                                 target_modules=["conv1", "conv2", "to_q", "to_v"]))
     StableDiffusionPipeline.save_lora_weights(path, unet_lora_layers=get_peft_model_state_dict(unet))
     return path
@@ -118,6 +118,18 @@ def test_conv_lora_is_exact_and_switchable(engine, tmp_path):
     after = engine.generate("a red circle", height=64, width=64, num_inference_steps=STEPS, seed=5, parallel=SYNC,
                             progress=False)
     np.testing.assert_allclose(after.latents.numpy(), before.latents.numpy(), rtol=0, atol=1e-6)
+
+
+def test_dora_conv_adapter_is_exact(engine, tmp_path):
+    """peft's DoRA scales the base conv's output: on a band that output must be the patch-aware one."""
+    before = engine.generate("a red circle", height=64, width=64, num_inference_steps=STEPS, seed=5, parallel=SYNC,
+                             progress=False)
+    engine.load_lora("dora", _random_lora(str(tmp_path), dora=True))
+    try:
+        with_dora = exact(engine, height=64, width=64)
+        assert rel_l2(with_dora.latents.numpy(), before.latents.numpy()) > 1e-3  # the adapter acts
+    finally:
+        engine.unload_lora("dora")
 
 
 def test_dit_img2img_is_exact(pool, pictures):

@@ -64,4 +64,4 @@ def load_controlnet(spec: str, device: torch.device, dtype: torch.dtype | None):
     controlnet = controlnet.to(device)
     if dtype is not None and dtype != controlnet.dtype:
         controlnet = controlnet.to(dtype)
-    return controlnet
+    return controlnet.eval()  # a built preset starts in training mode

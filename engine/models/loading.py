@@ -202,7 +202,16 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype | None = 
         pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype)
     if denoiser_of(pipe).dtype != dtype:
         pipe.to(dtype=dtype)
-    return pipe.to(device)
+    return inference_mode(pipe).to(device)
+
+
+def inference_mode(pipe):
+    """Every model of `pipe` in eval mode: presets are built rather than loaded, and peft adds
+    its LoRA layers in training mode, where a LoRA's dropout would act (differently per rank)."""
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    return pipe
 
 
 def save_preset(name: str, path: str) -> str:

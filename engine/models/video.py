@@ -141,8 +141,9 @@ def load_video_model(spec: str, device=None, dtype: torch.dtype | None = None) -
     else:
         raise ConfigError(f"{spec!r} is not a causal video model (a video preset: {', '.join(VIDEO_PRESETS)}, "
                           "or a directory with stream_config.json)")
-    if dtype is not None:
-        for m in (model.transformer, model.vae, model.text_encoder):
+    for m in (model.transformer, model.vae, model.text_encoder):
+        m.eval()  # built or loaded by hand: modules start in training mode
+        if dtype is not None:
             m.to(dtype)
     return model.to(device or "cpu")
 

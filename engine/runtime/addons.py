@@ -13,6 +13,7 @@ import torch
 
 from comms.collectives import check_same_weights
 from engine.models.controlnets import load_controlnet
+from engine.models.loading import inference_mode
 from parallel.patch.context import PatchContext
 from parallel.patch.controlnet import parallelize_controlnet
 
@@ -101,6 +102,7 @@ class AddOns:
             yield
         finally:
             self.denoiser_ctx.cover_new_layers()
+            inference_mode(self.pipe)
 
     def _load_ip_adapter(self, source, subfolder, weight_name, scale: float) -> None:
         from engine.models.ip_adapters import load_ip_adapter
@@ -136,8 +138,9 @@ class AddOns:
             self.adapters[name] = weight
         if added:
             # peft adds its own layers (a 3x3 LoRA conv is a plain Conv2d that would zero-pad
-            # at band edges): the install covers them too.
+            # at band edges): the install covers them too. They arrive in training mode.
             self.denoiser_ctx.cover_new_layers()
+            inference_mode(self.pipe)
         if request.ip_adapter != self.ip_adapter:
             if self.ip_adapter is not None:
                 self._unload_ip_adapter()

@@ -82,6 +82,16 @@ def unwrap_processors(model: nn.Module) -> None:
                               for key, p in model.attn_processors.items()})
 
 
+def _dora_convolves_itself(module: nn.Module) -> bool:
+    """peft's DoRA on a conv reuses the (patch-aware) base layer's output at inference, but in
+    training mode with dropout it runs F.conv2d on the band itself, zero-padding band edges."""
+    magnitudes = getattr(module, "lora_magnitude_vector", None)
+    base = getattr(module, "base_layer", None)
+    if not magnitudes or not module.training or not isinstance(base, nn.Conv2d) or base.kernel_size[0] == 1:
+        return False
+    return any(not isinstance(d, nn.Identity) for d in getattr(module, "lora_dropout", {}).values())
+
+
 def check_patch_aware(named: NamedModules, ctx, attention_model: nn.Module | None = None) -> None:
     """Refuse a model changed after the install in a way that would silently break the split:
     a k x k conv or GroupNorm that is not the patch-aware one (or bound to another context),
@@ -94,6 +104,9 @@ def check_patch_aware(named: NamedModules, ctx, attention_model: nn.Module | Non
         if isinstance(module, nn.Conv2d) and module.kernel_size[0] > 1 or type(module) is nn.GroupNorm:
             if not isinstance(module, (HaloConv2d, PatchGroupNorm)) or module._tessera_ctx is not ctx:
                 raise ConfigError(f"{name} ({type(module).__name__}) {hint}")
+        if _dora_convolves_itself(module):
+            raise ConfigError(f"{name}: a DoRA adapter with dropout in training mode convolves its input itself, without "
+                              "the other bands' rows; call .eval() on the model (inference reuses the patch-aware base output)")
     if attention_model is not None:
         for key, processor in attention_model.attn_processors.items():
             if _self_attention(attention_model, key) and not is_patch_processor(processor):
