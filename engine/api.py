@@ -27,6 +27,7 @@ import torch
 from comms import groups
 from engine.budget import check_request_memory
 from engine.models import check_model_spec
+from engine.models.single_file import model_spec
 from engine.quiet import quiet_libraries
 from engine.requests import build_request
 from engine.workflows import check_ip_adapter, check_lora, check_setup
@@ -128,8 +129,12 @@ class Engine:
         address: str | None = None,
         auto_restart: bool = False,
         setup=None,
+        config: str | None = None,
     ) -> "Engine":
-        """Load `model` (preset, local directory or hub id) on every rank of the world.
+        """Load `model` (preset, local diffusers directory, single-file checkpoint or hub id) on
+        every rank of the world. A single-file checkpoint (SD 1.x / SDXL `.safetensors` or `.ckpt`
+        in the original layout) takes `config`: a diffusers directory of the same architecture
+        whose configs and tokenizers convert it (or its hub id, where the hub may be used).
 
         `launcher`: "local" (spawned processes on this machine) or "ray" (Ray actors; `address`
         names a running cluster, else RAY_ADDRESS, else a private one-node cluster is started).
@@ -140,7 +145,8 @@ class Engine:
         are installed and checked, for what the API does not cover (e.g. fused QKV, another
         attention processor, a custom module); every rank must make the same change."""
         _refuse_in_spawned_import()
-        check_model_spec(model)
+        spec = check_model_spec(model_spec(model, config))  # what the ranks load
+        model = str(spec)
         check_setup(setup, model)
         if launcher not in LAUNCHERS:
             raise ConfigError(f"unknown launcher {launcher!r}; choose one of {', '.join(LAUNCHERS)}")
@@ -170,25 +176,25 @@ class Engine:
             if parallel.world_size not in (None, world):
                 raise ConfigError(f"world_size={parallel.world_size} but torchrun started {world} ranks")
             parallel = replace(parallel, world_size=world)
-            engine = cls(model, parallel, InProcess(model, parallel, rank, world, local_rank, device, dtype, setup), "torchrun")
+            engine = cls(model, parallel, InProcess(spec, parallel, rank, world, local_rank, device, dtype, setup), "torchrun")
             engine.device_type, engine.local_ranks = device_type, int(os.environ.get("LOCAL_WORLD_SIZE", world))
             return engine
         world = parallel.world_size or 1
         parallel = replace(parallel, world_size=world)
         if world == 1:
-            engine = cls(model, parallel, InProcess(model, parallel, 0, 1, 0, device, dtype, setup), "serial")
+            engine = cls(model, parallel, InProcess(spec, parallel, 0, 1, 0, device, dtype, setup), "serial")
             engine.device_type = device_type
             return engine
         if ray:
             from launch.ray_launcher import RayLauncher
 
             def respawn():
-                return RayLauncher(model, parallel, world, device, dtype, address=address, setup=setup)
+                return RayLauncher(spec, parallel, world, device, dtype, address=address, setup=setup)
         else:
             from launch.local import LocalLauncher
 
             def respawn():
-                return LocalLauncher(model, parallel, world, device, dtype, setup=setup)
+                return LocalLauncher(spec, parallel, world, device, dtype, setup=setup)
         engine = cls(model, parallel, respawn(), launcher)
         engine._respawn = respawn
         engine.auto_restart = auto_restart

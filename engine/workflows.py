@@ -172,8 +172,9 @@ def check_workflow(info, strategy, image, mask_image, strength, controlnets, con
                 raise ConfigError(f"controlnet_conditioning_scale must be finite numbers, got {s!r}")
         out.update(controlnets=specs, controlnet_scales=tuple(float(s) for s in scale_list),
                    control_images=tuple(rgb_array(img, f"control_image[{i}]") for i, img in enumerate(images)))
-    if strategy.runner == "tiles" and (out["image"] is not None or specs or denoising_end is not None):
-        raise ConfigError("asg generates from text only for now; use patch, patch-sync or pcpp with image or ControlNet inputs")
+    if strategy.runner == "tiles" and (specs or denoising_start is not None or denoising_end is not None):
+        raise ConfigError("asg takes text, img2img and inpainting requests; ControlNets and the base/refiner hand-off "
+                          "run under patch, patch-sync or pcpp")
 
     if adapters is not None:
         if not isinstance(adapters, dict):
@@ -197,7 +198,7 @@ def check_ip_adapter_image(strategy, image, loaded: bool):
     if not loaded:
         raise ConfigError("ip_adapter_image needs an IP-Adapter: call engine.load_ip_adapter(...) first")
     if strategy.runner == "tiles":
-        raise ConfigError("asg generates from text only for now; use patch, patch-sync or pcpp with an IP-Adapter")
+        raise ConfigError("asg does not take ip_adapter_image; use patch, patch-sync or pcpp with an IP-Adapter")
     return rgb_array(image, "ip_adapter_image")
 
 
@@ -278,6 +279,27 @@ def pipeline_for(pipe, request, controlnet, cache: dict):
     variant = cache[key]
     variant.scheduler = pipe.scheduler  # the request's scheduler, set on the base pipeline
     return variant
+
+
+def steps_run(pipe, request) -> int:
+    """How many of the request's steps `pipe` (the workflow's pipeline) runs: img2img and
+    inpainting start part-way, at the strength's step. Asked of the pipeline's own
+    get_timesteps on a copy of its scheduler, since families round differently."""
+    steps = request.num_inference_steps
+    if request.image is None or not hasattr(pipe, "get_timesteps"):
+        return steps
+    import inspect
+
+    strength = request.strength
+    if strength is None:  # the pipeline's own default
+        strength = inspect.signature(type(pipe).__call__).parameters["strength"].default
+    probe = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    probe.set_timesteps(steps)
+    saved, pipe.scheduler = pipe.scheduler, probe
+    try:
+        return int(pipe.get_timesteps(steps, strength, "cpu")[1])
+    finally:
+        pipe.scheduler = saved
 
 
 def call_kwargs(request) -> dict:

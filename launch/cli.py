@@ -84,7 +84,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate an image across ranks")
-    gen.add_argument("--model", default=DEFAULT_MODEL, help="preset name, local diffusers directory or hub id")
+    gen.add_argument("--model", default=DEFAULT_MODEL,
+                     help="preset name, local diffusers directory, single-file checkpoint (.safetensors/.ckpt) or hub id")
+    gen.add_argument("--config", default=None, metavar="DIR",
+                     help="for a single-file checkpoint: a diffusers directory of the same architecture (its configs)")
     gen.add_argument("--prompt", default="a red circle and a blue square on a dark background")
     gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("--height", type=int, default=None, help="pixels (default: the model's native size)")
@@ -215,7 +218,10 @@ def generate(args) -> int:
     if args.report:
         check_output_path(args.report, REPORT_FORMATS, "--report")
     loras = lora_arguments(args.lora)
-    info = describe_model(args.model)
+    from engine.models.single_file import model_spec
+
+    model = model_spec(args.model, args.config)
+    info = describe_model(model)
     if info is not None:  # bad input fails before any rank starts
         from engine.workflows import check_lora
 
@@ -226,7 +232,7 @@ def generate(args) -> int:
         device_type = check_device(args.device, world, local_ranks=None if local else 1, cluster=not local)
         check_request_memory(info, checked, world if local else None, device_type, args.memory_limit_gb)
     check_launcher_arguments(args)
-    with Engine.from_pretrained(args.model, parallel=parallel, device=args.device, dtype=dtype,
+    with Engine.from_pretrained(model, parallel=parallel, device=args.device, dtype=dtype,
                                 launcher=args.launcher, address=args.address) as engine:
         for name, path, weight in loras:
             engine.load_lora(name, path, weight)

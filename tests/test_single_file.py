@@ -187,3 +187,94 @@ def test_refuses_other_pipelines_and_file_types(tmp_path):
         ldm_state_dict(FluxPipeline())
     with pytest.raises(ValueError, match="must end in .safetensors"):
         save_single_file(FluxPipeline(), str(tmp_path / "model.ckpt"))  # checked before anything is built
+
+
+# -- the engine on single-file checkpoints -------------------------------------------------
+
+def tiny_sdxl_wide():
+    """tiny-sdxl with a 48-wide OpenCLIP encoder (diffusers tells the two encoders apart by
+    width) and a UNet whose cross-attention takes both (32 + 48)."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    pipe = PRESETS["tiny-sdxl"]()
+    torch.manual_seed(PRESET_SEED + 2)
+    unet = UNet2DConditionModel.from_config({**pipe.unet.config, "cross_attention_dim": 32 + 48})
+    return StableDiffusionXLPipeline(**{**pipe.components, "unet": unet, "text_encoder_2": open_clip_encoder(layers=2)})
+
+
+ENGINE_CASES = {"tiny-sd": PRESETS["tiny-sd"], "tiny-sdxl-wide": tiny_sdxl_wide, "tiny-sdxl": PRESETS["tiny-sdxl"]}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """case -> (a diffusers directory with weights, the same without weights, the single file)."""
+    import shutil
+
+    done = {}
+
+    def write(case):
+        if case not in done:
+            pipe = ENGINE_CASES[case]()
+            root = tmp_path_factory.mktemp(f"engine-{case}")
+            full, config = str(root / "full"), str(root / "config")
+            pipe.save_pretrained(full)
+            shutil.copytree(full, config, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+            done[case] = full, config, save_single_file(pipe, str(root / f"{case}.safetensors"))
+        return done[case]
+
+    return write
+
+
+@pytest.mark.parametrize("case", ["tiny-sd", "tiny-sdxl-wide"])
+def test_the_engine_runs_a_single_file_checkpoint_exactly(checkpoint, case):
+    """Each rank converts the file with the config directory's configs; patch-sync on 2 ranks
+    equals serial, and equals the same weights loaded from a diffusers directory."""
+    import numpy as np
+
+    from engine import Engine, ParallelConfig
+    from engine.metrics import rel_l2
+
+    full, config, path = checkpoint(case)
+    kwargs = dict(height=64, width=64, num_inference_steps=3, seed=2, progress=False)
+    with Engine.from_pretrained(path, config=config, parallel=ParallelConfig(strategy="patch", world_size=2)) as engine:
+        assert engine.model == path
+        result = engine.generate("a red circle", parallel=ParallelConfig(strategy="patch-sync", cfg_split=False),
+                                 compare_serial=True, **kwargs)
+    assert result.report["vs_serial"]["latent_rel_l2"] <= 1e-5
+    with Engine.from_pretrained(full) as serial:  # one rank, from the diffusers directory
+        same = serial.generate("a red circle", **kwargs)
+    assert rel_l2(result.latents.numpy(), same.latents.numpy()) <= 1e-5
+    assert np.isfinite(result.latents.numpy()).all()
+
+
+def test_a_file_diffusers_cannot_fully_convert_is_refused(checkpoint):
+    """tiny-sdxl's two text encoders are equally wide: diffusers fills the second with the
+    first's weights and leaves its projection empty; the engine says so instead of running."""
+    from engine import ConfigError
+    from engine.models.single_file import SingleFile, load_single_file
+
+    _, config, path = checkpoint("tiny-sdxl")
+    with pytest.raises(ConfigError, match=r"no weights for text_encoder_2\.text_projection\.weight"):
+        load_single_file(SingleFile(path, config), torch.float32)
+
+
+def test_bad_single_file_requests_fail_before_any_rank_starts(checkpoint, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from engine import ConfigError, Engine
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _, config, path = checkpoint("tiny-sd")
+    lora = str(tmp_path / "lora.safetensors")
+    save_file({"lora_unet_down_blocks_0.lora_down.weight": torch.zeros(2, 2)}, lora)
+    cases = [
+        (dict(model=str(tmp_path / "missing.safetensors"), config=config), "no such checkpoint file"),
+        (dict(model=lora, config=config), r"not an SD 1\.x / SDXL single-file checkpoint \(a LoRA\?"),
+        (dict(model=path), "a single-file checkpoint needs config=.*diffusers would fetch stable-diffusion-v1-5"),
+        (dict(model=path, config=str(tmp_path)), "not a diffusers directory"),
+        (dict(model=path, config="someone/configs"), "HF_HUB_OFFLINE is set"),
+        (dict(model="tiny-sd", config=config), "config= names the configs of a single-file checkpoint"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            Engine.from_pretrained(**kwargs)

@@ -8,6 +8,7 @@ import torch
 
 from engine.models.info import ModelInfo
 from engine.models.presets import PRESET_INFO, PRESETS, TRAINED_PRESETS
+from engine.models.single_file import SingleFile, load_single_file
 from parallel.config import ConfigError
 
 
@@ -15,9 +16,6 @@ def preset_names() -> list[str]:
     from engine.models.video import VIDEO_PRESETS
 
     return sorted(PRESETS) + sorted(TRAINED_PRESETS) + sorted(VIDEO_PRESETS)
-
-
-MAX_HEADER_BYTES = 100 * 2**20  # a safetensors header beyond this is a corrupt length
 
 
 def _check_json(path: str):
@@ -32,21 +30,12 @@ def _check_json(path: str):
 
 def _check_safetensors(path: str) -> None:
     """The header of a safetensors file: an 8-byte length, then that much JSON."""
-    import json
+    from engine.models.single_file import safetensors_header
 
-    try:
-        with open(path, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            if not 2 <= size <= min(MAX_HEADER_BYTES, os.path.getsize(path) - 8):
-                raise ValueError(f"header length {size}")
-            header = json.loads(f.read(size))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path}: not a safetensors file ({exc})") from None
+    safetensors_header(path)
 
 
-def _check_pipeline_dir(path: str) -> None:
+def check_pipeline_dir(path: str) -> None:
     """A diffusers directory as far as the caller can tell without loading it: the index,
     every component it lists (its JSON files parse, its safetensors headers are sound)."""
     index_path = os.path.join(path, "model_index.json")
@@ -74,25 +63,33 @@ def _trained_dir(name: str) -> str:
     return path
 
 
-def check_model_spec(model: str) -> None:
-    """Fail early, before any rank starts, on a model that cannot possibly load."""
+def check_model_spec(model):
+    """Fail early, before any rank starts, on a model that cannot possibly load. Returns the
+    spec the ranks load (a single-file checkpoint with the config it will use)."""
+    from engine.models.single_file import check_single_file, model_spec
+
+    model = model_spec(model)
+    if isinstance(model, SingleFile):
+        return check_single_file(model)
     if not isinstance(model, str) or not model:
-        raise ConfigError("model must be a preset name, a local diffusers directory or a hub id")
+        raise ConfigError("model must be a preset name, a local diffusers directory, a single-file checkpoint "
+                          "or a hub id")
     if model in PRESETS:
-        return
+        return model
     from engine.models.video import is_video_model
 
     if is_video_model(model):
-        return
+        return model
     if model in TRAINED_PRESETS:
         _trained_dir(model)
-        return
+        return model
     if os.path.isdir(model):
         if not os.path.isfile(os.path.join(model, "model_index.json")):
             raise ConfigError(f"{model} is a directory but not a diffusers pipeline (no model_index.json)")
-        _check_pipeline_dir(model)
-        return
+        check_pipeline_dir(model)
+        return model
     check_hub_id(model, "model", f"not a preset ({', '.join(preset_names())}), not a local diffusers directory")
+    return model
 
 
 def check_hub_id(spec: str, what: str, not_else: str) -> None:
@@ -159,15 +156,18 @@ def info_from_pipeline(name: str, pipe) -> ModelInfo:
     return _info_from_configs(name, pipeline, kind, denoiser.config, pipe.vae.config)
 
 
-def describe_model(model: str) -> ModelInfo | None:
+def describe_model(model) -> ModelInfo | None:
     """ModelInfo from configs alone (no weights), so requests can be validated before any
     rank is started. None when only loading can tell (a hub id)."""
     import json
 
-    check_model_spec(model)
-    if model in PRESETS:
+    model = check_model_spec(model)
+    if isinstance(model, SingleFile):  # described by its config directory
+        path = model.config
+    elif model in PRESETS:
         return PRESET_INFO[model]
-    path = _trained_dir(model) if model in TRAINED_PRESETS else model
+    else:
+        path = _trained_dir(model) if model in TRAINED_PRESETS else model
     if os.path.isdir(path):
         def read(*parts):
             with open(os.path.join(path, *parts)) as f:
@@ -177,7 +177,7 @@ def describe_model(model: str) -> ModelInfo | None:
             index, vae = read("model_index.json"), read("vae", "config.json")
             config = read("unet" if "unet" in index else "transformer", "config.json")
             pipeline, denoiser = index.get("_class_name", "?"), config.get("_class_name", "?")
-            return _info_from_configs(model, pipeline, denoiser, config, vae)
+            return _info_from_configs(str(model), pipeline, denoiser, config, vae)
         except (OSError, KeyError, ValueError):  # a layout or denoiser this does not know
             return None
     return None
@@ -189,11 +189,13 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def load_pipeline(model: str, device: torch.device, dtype: torch.dtype | None = None):
+def load_pipeline(model, device: torch.device, dtype: torch.dtype | None = None):
     """A diffusers pipeline on `device`, float32 on CPU and half precision on CUDA by default."""
-    check_model_spec(model)
+    model = check_model_spec(model)
     dtype = dtype or default_dtype(device)
-    if model in PRESETS:
+    if isinstance(model, SingleFile):
+        pipe = load_single_file(model, dtype)
+    elif model in PRESETS:
         pipe = PRESETS[model]()  # float32, as built
     else:
         from diffusers import DiffusionPipeline

@@ -26,7 +26,7 @@ from engine.latents import spatial_latents
 from engine.models import denoiser_of, info_from_pipeline, load_pipeline, pipeline_call_kwargs, resolve_scheduler
 from engine.requests import GenerateRequest
 from engine.runtime.addons import AddOns
-from engine.workflows import call_kwargs, pipeline_for
+from engine.workflows import call_kwargs, pipeline_for, steps_run
 from parallel.patch.compiled import install_compiled
 from parallel.errors import ConfigError
 from parallel.patch.context import PatchContext
@@ -123,7 +123,7 @@ def _preview(runtime, request):
     return callback
 
 
-def make_runtime(model: str, topo: Topology, dtype: torch.dtype | None = None, setup=None):
+def make_runtime(model, topo: Topology, dtype: torch.dtype | None = None, setup=None):
     """The runtime for `model`: a streaming video runtime or the image runtime. `setup(pipe)`
     (image models) runs on the loaded pipeline before the parallel layers are installed."""
     from engine.models.video import is_video_model
@@ -136,8 +136,8 @@ def make_runtime(model: str, topo: Topology, dtype: torch.dtype | None = None, s
 
 
 class RankRuntime:
-    def __init__(self, model: str, topo: Topology, dtype: torch.dtype | None = None, setup=None):
-        self.model = model
+    def __init__(self, model, topo: Topology, dtype: torch.dtype | None = None, setup=None):
+        self.model = str(model)  # a name, a directory, a hub id or a single-file checkpoint's path
         self.topo = topo
         injected_delay(topo.rank, "load")
         self.pipe = load_pipeline(model, topo.device, dtype)
@@ -157,7 +157,7 @@ class RankRuntime:
         backbone.install(self.pipe, self.ctx)
         self.denoiser = denoiser_of(self.pipe)
         install_compiled(self.denoiser, self.ctx)  # runs eagerly unless a request asks to compile
-        self.info = info_from_pipeline(model, self.pipe)
+        self.info = info_from_pipeline(self.model, self.pipe)
         if self.info.align != backbone.align:  # validation and the parallel layers must agree
             raise RuntimeError(f"{model}: band alignment {self.info.align} != {backbone.align} of the parallel layers")
         self._scheduler_config = self.pipe.scheduler.config
@@ -410,12 +410,14 @@ class RankRuntime:
         Returns (latents, the request's asg report, this rank's asg counters)."""
         cfg = request.parallel
         parallel = self.topo.distributed and not reference
+        # img2img / inpainting run the steps below their strength only: the guidance schedule
+        # (and the default detail steps) cover the steps that run
+        steps = steps_run(pipeline_for(self.pipe, request, self._controlnet, self.addons.pipelines), request)
         grid, detail = asg_plan(self.info, replace(cfg, world_size=self.topo.world_size if parallel else 1),
-                                request.height, request.width, request.num_inference_steps)
+                                request.height, request.width, steps)
         guided = request.guidance_scale > 1.0 and self.info.does_cfg
         self.ctx.enabled = False  # the denoiser runs whole tiles: no patch layers
-        schedule = GuidanceSchedule.for_request(self.pipe.scheduler, request.num_inference_steps, cfg.asg_strength,
-                                                detail, cfg.asg_mask_floor)
+        schedule = GuidanceSchedule.for_request(self.pipe.scheduler, steps, cfg.asg_strength, detail, cfg.asg_mask_floor)
         with structure_guided(self.pipe, self.denoiser, grid, schedule, list(request.prompt), guided,
                               topo=self.topo if parallel else None, stats=self.stats,
                               staleness=cfg.asg_staleness) as asg:
