@@ -169,7 +169,7 @@ def build_request(
     if scheduler is not None:
         resolve_scheduler(scheduler, info.pipeline)
     options = check_scheduler_options(scheduler_options, scheduler)
-    ip_image = check_ip_adapter_image(strategy, ip_adapter_image, ip_adapter_loaded)
+    ip_image = check_ip_adapter_image(ip_adapter_image, ip_adapter_loaded)
     per_prompt = _positive_int(num_images_per_prompt, "num_images_per_prompt")
     if not is_int(preview_every) or preview_every < 0:
         raise ConfigError(f"callback_steps must be a positive integer, got {preview_every!r}")

@@ -72,7 +72,9 @@ def check_pipeline_options(info, strategy, kind: str, controlnet: bool, options:
         return ", ".join("callback (previews)" if n == "callback_on_step_end" else n for n in names)
 
     if strategy.runner == "tiles":
-        tiled = [n for n in wanted if n in ("guidance_rescale", "cross_attention_kwargs", "callback_on_step_end")]
+        # guidance_rescale takes the std over the whole latent, previews read it whole: a tile
+        # rank holds its own region only
+        tiled = [n for n in wanted if n in ("guidance_rescale", "callback_on_step_end")]
         if tiled:
             raise ConfigError(f"asg does not take {shown(tiled)} yet")
     name = pipeline_class_name(info.pipeline, kind, controlnet)
@@ -172,9 +174,9 @@ def check_workflow(info, strategy, image, mask_image, strength, controlnets, con
                 raise ConfigError(f"controlnet_conditioning_scale must be finite numbers, got {s!r}")
         out.update(controlnets=specs, controlnet_scales=tuple(float(s) for s in scale_list),
                    control_images=tuple(rgb_array(img, f"control_image[{i}]") for i, img in enumerate(images)))
-    if strategy.runner == "tiles" and (specs or denoising_start is not None or denoising_end is not None):
-        raise ConfigError("asg takes text, img2img and inpainting requests; ControlNets and the base/refiner hand-off "
-                          "run under patch, patch-sync or pcpp")
+    if strategy.runner == "tiles" and (denoising_start is not None or denoising_end is not None):
+        raise ConfigError("asg does not take the base/refiner hand-off (denoising_start / denoising_end); it runs under "
+                          "patch, patch-sync or pcpp")
 
     if adapters is not None:
         if not isinstance(adapters, dict):
@@ -189,7 +191,7 @@ def check_workflow(info, strategy, image, mask_image, strength, controlnets, con
     return out
 
 
-def check_ip_adapter_image(strategy, image, loaded: bool):
+def check_ip_adapter_image(image, loaded: bool):
     """The image prompt of a loaded IP-Adapter, as a uint8 array (None without one)."""
     if image is None:
         if loaded:
@@ -197,8 +199,6 @@ def check_ip_adapter_image(strategy, image, loaded: bool):
         return None
     if not loaded:
         raise ConfigError("ip_adapter_image needs an IP-Adapter: call engine.load_ip_adapter(...) first")
-    if strategy.runner == "tiles":
-        raise ConfigError("asg does not take ip_adapter_image; use patch, patch-sync or pcpp with an IP-Adapter")
     return rgb_array(image, "ip_adapter_image")
 
 

@@ -235,6 +235,73 @@ def test_asg_upscales_a_picture_with_img2img_and_inpainting(pool, asg_reference)
         assert err <= 1e-5, f"parallel asg with {sorted(extra)} differs from the reference: rel L2 {err:.2e}"
 
 
+def test_asg_runs_a_controlnet_per_tile(pool, asg_reference):
+    """The ControlNet runs on each tile's window (latent and conditioning image) and on the
+    branch's view; parallel (staleness 0) equals the single-process reference, for one
+    ControlNet on text2img and two on img2img."""
+    import numpy as np
+
+    control = np.zeros((384, 384, 3), np.uint8)
+    control[96:288, 48:336] = 255  # a white box across several tiles
+    picture = (np.random.default_rng(3).random((384, 384, 3)) * 255).astype(np.uint8)
+    config = ParallelConfig(asg_staleness=0, **ASG)
+    runs = (dict(controlnet="tiny-controlnet", control_image=control),
+            dict(image=picture, strength=0.7, controlnet=["tiny-controlnet", "tiny-controlnet"],
+                 control_image=[control, picture], controlnet_conditioning_scale=[0.6, 0.4]))
+    for extra in runs:
+        ref = pool.serial_engine("tiny-sd").generate(PROMPT, parallel=config, **PAR, **extra)
+        if "image" not in extra:
+            assert rel_l2(ref.latents.numpy(), asg_reference.latents.numpy()) > 1e-3  # the ControlNet acts
+        result = pool.parallel_engine("tiny-sd", 3).generate(PROMPT, parallel=config, **PAR, **extra)
+        err = rel_l2(result.latents.numpy(), ref.latents.numpy())
+        assert err <= 1e-5, f"parallel asg with {sorted(extra)} differs from the reference: rel L2 {err:.2e}"
+
+
+def test_asg_with_a_lora(pool, asg_reference, tmp_path):
+    """A loaded (conv + attention) LoRA acts in every tile and in the branch. Parallel
+    (staleness 0) equals the single-process reference."""
+    from tests.test_workflows import _random_lora
+
+    config = ParallelConfig(asg_staleness=0, **ASG)
+    serial, parallel = pool.serial_engine("tiny-sd"), pool.parallel_engine("tiny-sd", 3)
+    lora = _random_lora(str(tmp_path))
+    for engine in (serial, parallel):
+        engine.load_lora("style", lora)
+    try:
+        ref = serial.generate(PROMPT, parallel=config, **PAR)
+        assert rel_l2(ref.latents.numpy(), asg_reference.latents.numpy()) > 1e-3  # the LoRA acts
+        result = parallel.generate(PROMPT, parallel=config, **PAR)
+        err = rel_l2(result.latents.numpy(), ref.latents.numpy())
+        assert err <= 1e-5, f"parallel asg with a LoRA differs from the reference: rel L2 {err:.2e}"
+        # the LoRA scale reaches every tile's and the branch's call: scale 0 is no LoRA
+        off = parallel.generate(PROMPT, parallel=config, cross_attention_kwargs={"scale": 0.0}, **PAR)
+        assert rel_l2(off.latents.numpy(), asg_reference.latents.numpy()) <= 1e-5
+    finally:
+        for engine in (serial, parallel):
+            engine.unload_lora("style")
+
+
+def test_asg_with_an_ip_adapter(pool, asg_reference):
+    """The image prompt reaches every tile and the branch (whose layout mask is measured on
+    the text tokens); parallel (staleness 0) equals the single-process reference."""
+    import numpy as np
+
+    picture = (np.random.default_rng(3).random((64, 64, 3)) * 255).astype(np.uint8)
+    config = ParallelConfig(asg_staleness=0, **ASG)
+    serial, parallel = pool.serial_engine("tiny-sd"), pool.parallel_engine("tiny-sd", 3)
+    for engine in (serial, parallel):
+        engine.load_ip_adapter("tiny-ip-adapter", scale=0.8)
+    try:
+        ref = serial.generate(PROMPT, parallel=config, ip_adapter_image=picture, **PAR)
+        assert rel_l2(ref.latents.numpy(), asg_reference.latents.numpy()) > 1e-3  # the image prompt acts
+        result = parallel.generate(PROMPT, parallel=config, ip_adapter_image=picture, **PAR)
+        err = rel_l2(result.latents.numpy(), ref.latents.numpy())
+        assert err <= 1e-5, f"parallel asg with an IP-Adapter differs from the reference: rel L2 {err:.2e}"
+    finally:
+        for engine in (serial, parallel):
+            engine.unload_ip_adapter()
+
+
 @pytest.mark.parametrize("model", ["tiny-pixart", "tiny-sd3"])
 def test_parallel_asg_on_a_dit_equals_its_reference(pool, model):
     """DiTs: PixArt (cross-attention, predicting mean and variance) and SD3 (the mask from

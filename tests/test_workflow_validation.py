@@ -32,8 +32,7 @@ def _req(model="tiny-sd", strategy="patch", **kw):
     (dict(controlnet="no-such-controlnet", control_image=IMG), "unknown controlnet"),
     (dict(controlnet="tiny-controlnet", control_image=IMG, controlnet_conditioning_scale=[1.0, 2.0]),
      "2 controlnet_conditioning_scale value"),
-    (dict(controlnet="tiny-controlnet", control_image=IMG, strategy="asg"), "asg takes text, img2img and inpainting"),
-    (dict(model="tiny-sdxl", image=IMG, denoising_start=0.5, strategy="asg"), "base/refiner hand-off run under patch"),
+    (dict(model="tiny-sdxl", image=IMG, denoising_start=0.5, strategy="asg"), "asg does not take the base/refiner"),
     (dict(guidance_rescale=1.5), r"guidance_rescale must be a number in \[0, 1\]"),
     (dict(adapters={"style": 1.0}), "adapter 'style' is not loaded"),
     (dict(num_images_per_prompt=0), "num_images_per_prompt must be a positive integer"),
@@ -58,7 +57,7 @@ def _req(model="tiny-sd", strategy="patch", **kw):
     (dict(strategy="asg", preview_every=2), r"asg does not take callback \(previews\)"),
     (dict(model="tiny-sdxl", image=np.zeros((1, 4, 8, 8), np.float32), height=128), "differ from the latents' size"),
     (dict(ip_adapter_loaded=True), "an IP-Adapter is loaded: pass ip_adapter_image"),
-    (dict(ip_adapter_image=IMG, ip_adapter_loaded=True, strategy="asg"), "asg does not take ip_adapter_image"),
+    (dict(strategy="asg", guidance_rescale=0.5), "asg does not take guidance_rescale"),
     (dict(preview_every=1, preview="video"), "preview must be one of latents, image"),
 ])
 def test_bad_workflow_input_is_refused(kwargs, message):

@@ -420,7 +420,7 @@ class RankRuntime:
         schedule = GuidanceSchedule.for_request(self.pipe.scheduler, steps, cfg.asg_strength, detail, cfg.asg_mask_floor)
         with structure_guided(self.pipe, self.denoiser, grid, schedule, list(request.prompt), guided,
                               topo=self.topo if parallel else None, stats=self.stats,
-                              staleness=cfg.asg_staleness) as asg:
+                              staleness=cfg.asg_staleness, controlnet=self._controlnet) as asg:
             latents = asg.finish(self._denoise(request))
         mine = {}
         if parallel:

@@ -37,7 +37,9 @@ prediction is guided by the branch's guided prediction.
 - `denoiser`: the single-process reference of the algorithm (one rank computes all tiles
   and the branch) and the multi-rank one (tile ranks plus a branch rank). Both wrap the
   denoiser's forward for one request, so the unmodified diffusers pipeline and any
-  elementwise scheduler run at the HR size.
+  elementwise scheduler run at the HR size;
+- `control`: a request's ControlNet, deferred by the pipeline's call and run per tile (and on
+  the branch's view) by the wrapped denoiser.
 """
 
 

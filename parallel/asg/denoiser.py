@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from comms.asg_channel import BranchChannel, StripExchange, assemble_latents
+from parallel.asg.control import controlnet_deferred, deferred, without_control
 from parallel.asg.guidance import (AttentionMassRecorder, GuidanceSchedule, RecordingOrOriginal, prompt_token_spans,
                                    structure_mask, text_attention_layers)
 from parallel.asg.tiles import TileGrid, TilePlan
@@ -47,6 +48,9 @@ class StructureGuidedTiles:
         self.branch_calls += 1
         native = tuple(view.shape[-2:])
         self.maps.clear()
+        control = deferred(kwargs)
+        if control is not None:  # the ControlNet on the same view (outside the recording: the mask is the UNet's)
+            kwargs = {**without_control(kwargs), **control.on_view(view)}
         self.recorder.recording = True
         try:
             guide = self.forward(view, *args, **kwargs)[0]
@@ -75,9 +79,13 @@ class StructureGuidedTiles:
     def _sum_tiles(self, sample, tiles, args, kwargs) -> torch.Tensor:
         """The sum of `tiles`' predictions, each in its window of a zero latent."""
         total = sample.new_zeros(sample.shape[0], self.out_channels, *sample.shape[2:])
+        control = deferred(kwargs)
+        plain = without_control(kwargs)
         for tile in tiles:
             ys, xs = self.grid.window(tile)
-            total[..., ys, xs] += self.forward(sample[..., ys, xs].contiguous(), *args, **kwargs)[0]
+            window = sample[..., ys, xs].contiguous()
+            extra = control.on_window(window, ys, xs) if control is not None else {}  # the tile's own residuals
+            total[..., ys, xs] += self.forward(window, *args, **plain, **extra)[0]
         return total
 
     @staticmethod
@@ -115,9 +123,10 @@ class StructureGuidedTiles:
 
 @contextmanager
 def structure_guided(pipe, denoiser, grid: TileGrid, schedule: GuidanceSchedule, prompts: list[str], cfg: bool,
-                     topo=None, stats=None, staleness: int = 1):
+                     topo=None, stats=None, staleness: int = 1, controlnet=None):
     """Run the pipeline's denoiser as ASG for one request, then restore it. With `topo`
-    (several ranks) the tiles and the branch are spread over the ranks."""
+    (several ranks) the tiles and the branch are spread over the ranks. `controlnet`: the
+    request's ControlNet (or MultiControlNetModel), run per tile and on the branch's view."""
     layers = text_attention_layers(denoiser)
     if not layers:
         raise NotImplementedError(f"asg needs a denoiser whose image attends to text (UNet, PixArt, SD3); "
@@ -134,7 +143,8 @@ def structure_guided(pipe, denoiser, grid: TileGrid, schedule: GuidanceSchedule,
                                  for name, proc in saved.items()})
     denoiser.forward = wrapper
     try:
-        yield wrapper
+        with controlnet_deferred(controlnet):
+            yield wrapper
     finally:
         del denoiser.forward  # back to the class's forward
         denoiser.set_attn_processor(saved)

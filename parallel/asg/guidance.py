@@ -145,7 +145,9 @@ class RecordingOrOriginal:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         if self.recorder.recording and encoder_hidden_states is not None:
-            self.recorder.record(attn, hidden_states, encoder_hidden_states, attention_mask, self.joint)
+            # with an IP-Adapter diffusers passes (text, image tokens): the layout is the text's
+            text = encoder_hidden_states[0] if isinstance(encoder_hidden_states, tuple) else encoder_hidden_states
+            self.recorder.record(attn, hidden_states, text, attention_mask, self.joint)
         return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
 
 
