@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 
 import torch
 
@@ -104,3 +105,18 @@ def take_calls() -> list[str]:
     d.armed = False
     calls, d.calls = d.calls, []
     return calls
+
+
+@contextmanager
+def requested():
+    """Around a device-to-host copy the caller asked for (a preview): not recorded, since
+    the request pays for it knowingly; the steady step's own code around it still is."""
+    d = detector()
+    armed = d is not None and d.armed
+    if armed:
+        d.armed = False
+    try:
+        yield
+    finally:
+        if armed:
+            d.armed = True

@@ -175,8 +175,6 @@ def build_request(
         raise ConfigError(f"callback_steps must be a positive integer, got {preview_every!r}")
     if preview not in PREVIEWS:
         raise ConfigError(f"preview must be one of {', '.join(PREVIEWS)}, got {preview!r}")
-    if per_prompt > 1 and strategy.runner == "tiles":
-        raise ConfigError("asg makes one image per prompt; repeat the prompt in a list instead")
     if cross_attention_kwargs is not None and (
             not isinstance(cross_attention_kwargs, dict) or not all(isinstance(k, str) for k in cross_attention_kwargs)):
         raise ConfigError("cross_attention_kwargs must be a dict with string keys, e.g. {'scale': 0.5}")

@@ -72,9 +72,9 @@ def check_pipeline_options(info, strategy, kind: str, controlnet: bool, options:
         return ", ".join("callback (previews)" if n == "callback_on_step_end" else n for n in names)
 
     if strategy.runner == "tiles":
-        # guidance_rescale takes the std over the whole latent, previews read it whole: a tile
-        # rank holds its own region only
-        tiled = [n for n in wanted if n in ("guidance_rescale", "callback_on_step_end")]
+        # guidance_rescale takes the std over the whole noise prediction, of which a tile rank
+        # holds its own region only
+        tiled = [n for n in wanted if n == "guidance_rescale"]
         if tiled:
             raise ConfigError(f"asg does not take {shown(tiled)} yet")
     name = pipeline_class_name(info.pipeline, kind, controlnet)
@@ -174,9 +174,6 @@ def check_workflow(info, strategy, image, mask_image, strength, controlnets, con
                 raise ConfigError(f"controlnet_conditioning_scale must be finite numbers, got {s!r}")
         out.update(controlnets=specs, controlnet_scales=tuple(float(s) for s in scale_list),
                    control_images=tuple(rgb_array(img, f"control_image[{i}]") for i, img in enumerate(images)))
-    if strategy.runner == "tiles" and (denoising_start is not None or denoising_end is not None):
-        raise ConfigError("asg does not take the base/refiner hand-off (denoising_start / denoising_end); it runs under "
-                          "patch, patch-sync or pcpp")
 
     if adapters is not None:
         if not isinstance(adapters, dict):
@@ -281,25 +278,38 @@ def pipeline_for(pipe, request, controlnet, cache: dict):
     return variant
 
 
-def steps_run(pipe, request) -> int:
-    """How many of the request's steps `pipe` (the workflow's pipeline) runs: img2img and
-    inpainting start part-way, at the strength's step. Asked of the pipeline's own
+def denoiser_calls_run(pipe, request) -> int:
+    """How often `pipe` (the workflow's pipeline) will call the denoiser for the request:
+    img2img and inpainting start part-way (at the strength's step, or a refiner's
+    denoising_start), and a base stops at denoising_end. Asked of the pipeline's own
     get_timesteps on a copy of its scheduler, since families round differently."""
-    steps = request.num_inference_steps
-    if request.image is None or not hasattr(pipe, "get_timesteps"):
-        return steps
     import inspect
 
-    strength = request.strength
-    if strength is None:  # the pipeline's own default
-        strength = inspect.signature(type(pipe).__call__).parameters["strength"].default
+    from parallel.asg import denoiser_calls
+
+    steps = request.num_inference_steps
     probe = type(pipe.scheduler).from_config(pipe.scheduler.config)
-    probe.set_timesteps(steps)
-    saved, pipe.scheduler = pipe.scheduler, probe
     try:
-        return int(pipe.get_timesteps(steps, strength, "cpu")[1])
-    finally:
-        pipe.scheduler = saved
+        probe.set_timesteps(steps)
+    except (TypeError, ValueError):  # wants more than a step count (e.g. dynamic shifting's mu)
+        return denoiser_calls(pipe.scheduler, steps)
+    timesteps = probe.timesteps
+    if request.image is not None and hasattr(pipe, "get_timesteps"):
+        strength = request.strength
+        if strength is None:  # the pipeline's own default
+            strength = inspect.signature(type(pipe).__call__).parameters["strength"].default
+        takes_start = "denoising_start" in inspect.signature(pipe.get_timesteps).parameters
+        extra = {"denoising_start": request.denoising_start} if takes_start else {}
+        saved, pipe.scheduler = pipe.scheduler, probe
+        try:
+            timesteps = pipe.get_timesteps(steps, strength, "cpu", **extra)[0]
+        finally:
+            pipe.scheduler = saved
+    if request.denoising_end is not None:  # as the SDXL pipelines cut their loop
+        total = probe.config.num_train_timesteps
+        cutoff = int(round(total - request.denoising_end * total))
+        timesteps = [t for t in timesteps if t >= cutoff]
+    return len(timesteps)
 
 
 def call_kwargs(request) -> dict:

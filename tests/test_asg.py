@@ -227,7 +227,7 @@ def test_asg_upscales_a_picture_with_img2img_and_inpainting(pool, asg_reference)
     # SD img2img at strength 0.7 runs int(6 * 0.7) = 4 of 6 steps; SD inpainting's default strength is 1
     for extra, calls in ((dict(image=picture, strength=0.7), 4), (dict(image=picture, mask_image=mask), 6)):
         ref = pool.serial_engine("tiny-sd").generate(PROMPT, parallel=config, **PAR, **extra)
-        assert ref.report["asg"]["denoiser_calls"] == calls
+        assert ref.report["asg"]["denoiser_calls"] == ref.report["asg"]["scheduled_calls"] == calls
         assert rel_l2(ref.latents.numpy(), asg_reference.latents.numpy()) > 1e-3  # the picture acts
         result = pool.parallel_engine("tiny-sd", 3).generate(PROMPT, parallel=config, **PAR, **extra)
         assert [p["asg_branch_calls"] for p in result.report["per_rank"]] == [0, 0, calls - 1]  # detail: 1 step
@@ -255,6 +255,58 @@ def test_asg_runs_a_controlnet_per_tile(pool, asg_reference):
         result = pool.parallel_engine("tiny-sd", 3).generate(PROMPT, parallel=config, **PAR, **extra)
         err = rel_l2(result.latents.numpy(), ref.latents.numpy())
         assert err <= 1e-5, f"parallel asg with {sorted(extra)} differs from the reference: rel L2 {err:.2e}"
+
+
+def test_asg_hands_over_from_an_sdxl_base_to_its_refiner(pool):
+    """The base stops at denoising_end, the refiner's img2img continues from its latents at
+    denoising_start: the schedule covers each part's denoiser calls, and each part in
+    parallel equals its single-process reference."""
+    config = ParallelConfig(asg_staleness=0, **ASG)
+    common = dict(num_inference_steps=6, guidance_scale=5.0, seed=4, progress=False, parallel=config)
+    serial, parallel = pool.serial_engine("tiny-sdxl"), pool.parallel_engine("tiny-sdxl", 3)
+    base = serial.generate(PROMPT, height=512, width=512, denoising_end=0.5, **common)
+    # tiny-sdxl's Euler ("leading" spacing) lays out 831, 665, 499, 333, 167, 1: the cut at 500
+    # leaves the base 2 calls and the refiner the other 4
+    assert base.report["asg"]["denoiser_calls"] == base.report["asg"]["scheduled_calls"] == 2
+    refined = serial.generate(PROMPT, image=base.latents, denoising_start=0.5, **common)
+    assert refined.report["asg"]["denoiser_calls"] == refined.report["asg"]["scheduled_calls"] == 4
+    for ref, kwargs in ((base, dict(height=512, width=512, denoising_end=0.5)),
+                        (refined, dict(image=base.latents, denoising_start=0.5))):
+        result = parallel.generate(PROMPT, **kwargs, **common)
+        err = rel_l2(result.latents.numpy(), ref.latents.numpy())
+        assert err <= 1e-5, f"parallel asg with {sorted(kwargs)} differs from the reference: rel L2 {err:.2e}"
+
+
+def test_asg_previews_over_ranks_show_the_whole_latent(pool):
+    """A tile rank holds its own region only: every rank joins in assembling a preview, so
+    the caller sees the whole latent, the same as the single-process run's."""
+    import numpy as np
+
+    config = ParallelConfig(asg_staleness=0, **ASG)
+    seen = {"serial": [], "parallel": []}
+    results = {}
+    for name, engine in (("serial", pool.serial_engine("tiny-sd")), ("parallel", pool.parallel_engine("tiny-sd", 3))):
+        results[name] = engine.generate(PROMPT, parallel=config, callback_steps=2,
+                                        callback=lambda step, preview, name=name: seen[name].append((step, preview)),
+                                        **PAR)
+    assert [step for step, _ in seen["parallel"]] == [1, 3, 5]
+    for (_, want), (_, got) in zip(seen["serial"], seen["parallel"]):
+        assert rel_l2(got, want) <= 1e-5
+    np.testing.assert_allclose(seen["parallel"][-1][1], results["parallel"].latents.numpy(), rtol=0, atol=1e-6)
+    assert any(k.get("assemble") for p in results["parallel"].report["per_rank"] for k in
+               (s["bytes_by_kind"] for s in p["per_step"]))  # assembled by the ranks at the preview steps
+
+
+def test_asg_makes_several_images_per_prompt(pool, asg_reference):
+    """Two images of one prompt ride in one batch: each gets its own structure mask, and the
+    parallel run (staleness 0) equals the single-process reference."""
+    config = ParallelConfig(asg_staleness=0, **ASG)
+    ref = pool.serial_engine("tiny-sd").generate(PROMPT, parallel=config, num_images_per_prompt=2, **PAR)
+    assert ref.latents.shape[0] == 2 and len(ref.images) == 2
+    assert rel_l2(ref.latents[0].numpy(), ref.latents[1].numpy()) > 1e-2  # two different images
+    result = pool.parallel_engine("tiny-sd", 3).generate(PROMPT, parallel=config, num_images_per_prompt=2, **PAR)
+    err = rel_l2(result.latents.numpy(), ref.latents.numpy())
+    assert err <= 1e-5, f"parallel asg with two images per prompt differs from the reference: rel L2 {err:.2e}"
 
 
 def test_asg_with_a_lora(pool, asg_reference, tmp_path):

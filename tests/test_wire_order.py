@@ -57,7 +57,11 @@ REQUESTS = {
     3: [("patch-sync", dict(strategy="patch-sync", cfg_split=False)),
         ("patch", dict(strategy="patch", warmup_steps=1, cfg_split=False)),
         ("pcpp", dict(strategy="pcpp", warmup_steps=1, cfg_split=False)),
-        ("asg", dict(strategy="asg", asg_staleness=1))],
+        ("asg", dict(strategy="asg", asg_staleness=1)),
+        # previews assemble the latent on every rank mid-run, beside the branch's broadcasts
+        ("asg previews + ControlNet", dict(strategy="asg", asg_staleness=1),
+         dict(callback=lambda step, preview: None, callback_steps=2, controlnet="tiny-sdxl-controlnet",
+              control_image=np.full((384, 384, 3), 255, np.uint8)))],
     4: [("patch cfg split", dict(strategy="patch", warmup_steps=1, cfg_split=True))],
 }
 
@@ -66,10 +70,10 @@ REQUESTS = {
 def test_image_strategies_keep_nccl_order_and_results_with_tag_0_and_deferred_completion(pool, world):
     reference = pool.parallel_engine("tiny-sdxl", world)  # no hooks
     with _checked_engine("tiny-sdxl", world, "patch") as checked:
-        for name, config in REQUESTS[world]:
+        for name, config, *extra in REQUESTS[world]:
             size = 384 if config["strategy"] == "asg" else SIZE
             kw = dict(height=size, width=size, num_inference_steps=STEPS, seed=3, progress=False,
-                      parallel=ParallelConfig(**config))
+                      parallel=ParallelConfig(**config), **(extra[0] if extra else {}))
             got = checked.generate(PROMPT, **kw)
             assert check_order(_records(got.report["per_rank"])) == [], name
             want = reference.generate(PROMPT, **kw)

@@ -26,7 +26,7 @@ from engine.latents import spatial_latents
 from engine.models import denoiser_of, info_from_pipeline, load_pipeline, pipeline_call_kwargs, resolve_scheduler
 from engine.requests import GenerateRequest
 from engine.runtime.addons import AddOns
-from engine.workflows import call_kwargs, pipeline_for, steps_run
+from engine.workflows import call_kwargs, denoiser_calls_run, pipeline_for
 from parallel.patch.compiled import install_compiled
 from parallel.errors import ConfigError
 from parallel.patch.context import PatchContext
@@ -106,18 +106,24 @@ def _injected_fault(rank: int, prompt: str):
 def _preview(runtime, request):
     """The pipeline callback that hands rank 0's previews to `runtime.preview_sink` (None when
     the request asks for none, or on other ranks). A preview is what the caller asked for,
-    so its device-to-host copy is the one sync it costs."""
-    sink = runtime.preview_sink
-    if not request.preview_every or sink is None or runtime.topo.rank != 0:
+    so its device-to-host copy is the one sync it costs. Under asg over ranks a tile rank
+    holds its own region only: every rank joins in assembling the preview's latent
+    (`runtime.whole_latents`)."""
+    sink = None if runtime.topo.rank != 0 else runtime.preview_sink
+    whole = runtime.whole_latents
+    if not request.preview_every or (sink is None and whole is None):
         return None
 
     def callback(pipe, step, timestep, kwargs):
         if (step + 1) % request.preview_every == 0:
-            latents = kwargs["latents"]
-            if request.preview == "image":
-                sink(step, decode_latents(pipe, spatial_latents(pipe, latents, request.height, request.width)))
-            else:
-                sink(step, latents.float().cpu().numpy())
+            latents = kwargs["latents"] if whole is None else whole(kwargs["latents"])
+            if sink is None:
+                return kwargs
+            with host_sync.requested():
+                if request.preview == "image":
+                    sink(step, decode_latents(pipe, spatial_latents(pipe, latents, request.height, request.width)))
+                else:
+                    sink(step, latents.float().cpu().numpy())
         return kwargs
 
     return callback
@@ -166,6 +172,7 @@ class RankRuntime:
         self._install_parallel_decode()
         self.addons = AddOns(self.pipe, topo, self.stats, self.ctx, dtype)
         self._controlnet = None  # the request's ControlNet(s), set per request
+        self.whole_latents = None  # during an asg request over ranks: assembles a preview's latent
         self._progress = dict(disable=True)  # the pipeline's progress bar, set per request
         self.preview_sink = None  # rank 0: sink(step, preview) delivers previews to the caller
 
@@ -410,18 +417,25 @@ class RankRuntime:
         Returns (latents, the request's asg report, this rank's asg counters)."""
         cfg = request.parallel
         parallel = self.topo.distributed and not reference
-        # img2img / inpainting run the steps below their strength only: the guidance schedule
-        # (and the default detail steps) cover the steps that run
-        steps = steps_run(pipeline_for(self.pipe, request, self._controlnet, self.addons.pipelines), request)
+        # img2img, inpainting and a refiner's or base's part run some of the steps only: the
+        # guidance schedule (and the default detail steps) cover the denoiser calls that run
+        calls = denoiser_calls_run(pipeline_for(self.pipe, request, self._controlnet, self.addons.pipelines), request)
+        order = getattr(self.pipe.scheduler, "order", 1)
         grid, detail = asg_plan(self.info, replace(cfg, world_size=self.topo.world_size if parallel else 1),
-                                request.height, request.width, steps)
+                                request.height, request.width, -(-calls // order))
         guided = request.guidance_scale > 1.0 and self.info.does_cfg
         self.ctx.enabled = False  # the denoiser runs whole tiles: no patch layers
-        schedule = GuidanceSchedule.for_request(self.pipe.scheduler, steps, cfg.asg_strength, detail, cfg.asg_mask_floor)
-        with structure_guided(self.pipe, self.denoiser, grid, schedule, list(request.prompt), guided,
+        schedule = GuidanceSchedule.for_calls(calls, order, cfg.asg_strength, detail, cfg.asg_mask_floor)
+        # the batch as diffusers lays it out: each prompt repeated num_images_per_prompt times
+        prompts = [p for p in request.prompt for _ in range(request.num_images_per_prompt)]
+        with structure_guided(self.pipe, self.denoiser, grid, schedule, prompts, guided,
                               topo=self.topo if parallel else None, stats=self.stats,
                               staleness=cfg.asg_staleness, controlnet=self._controlnet) as asg:
-            latents = asg.finish(self._denoise(request))
+            self.whole_latents = asg.whole if parallel else None
+            try:
+                latents = asg.finish(self._denoise(request))
+            finally:
+                self.whole_latents = None
         mine = {}
         if parallel:
             waits = asg.guidance_wait_s
@@ -431,7 +445,7 @@ class RankRuntime:
         return latents, {
             "tiles": len(grid.tiles), "tile_latent": [grid.tile_h, grid.tile_w], "overlap": grid.overlap,
             "strength": cfg.asg_strength, "detail_steps": detail, "staleness": cfg.asg_staleness,
-            "mask_floor": cfg.asg_mask_floor, "denoiser_calls": schedule.calls,
+            "mask_floor": cfg.asg_mask_floor, "denoiser_calls": asg.step, "scheduled_calls": schedule.calls,
             "mode": "parallel" if parallel else "single-process",
             # single-process: this rank ran the branch; over ranks it is each rank's asg_branch_calls
             **({} if parallel else {"branch_calls": asg.branch_calls}),

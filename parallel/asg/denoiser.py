@@ -36,6 +36,10 @@ class StructureGuidedTiles:
         """The final latent (single process: already whole)."""
         return latents
 
+    def whole(self, latents: torch.Tensor) -> torch.Tensor:
+        """The whole current latent, for a preview (single process: already whole)."""
+        return latents
+
     def _branch(self, sample, args, kwargs):
         """(G, M): the branch's prediction on the subsampled global view and the structure
         mask, both at native size."""
@@ -246,6 +250,11 @@ class ParallelStructureGuidedTiles(StructureGuidedTiles):
     def finish(self, latents: torch.Tensor) -> torch.Tensor:
         """The whole final latent on every rank, from each tile rank's own positions."""
         self.channel.finish()
+        return self.whole(latents)
+
+    def whole(self, latents: torch.Tensor) -> torch.Tensor:
+        """The whole latent on every rank, from each tile rank's own positions: a collective
+        of every rank (a preview's, at the same step on each)."""
         if latents.ndim != 4:
             raise RuntimeError(f"asg expects spatial latents (B, C, H, W), got {tuple(latents.shape)}")
         owned = None if self.is_branch else self.plan.owned(self.plan.index).to(latents.device)

@@ -72,8 +72,15 @@ class GuidanceSchedule:
         """The last `detail_steps` steps in calls: every step but the last takes `order`
         calls, so the guided steps are the first `order * (steps - detail_steps)` calls and a
         step is never guided on one of its calls only."""
-        calls = denoiser_calls(scheduler, steps)
-        guided = getattr(scheduler, "order", 1) * (steps - detail_steps)
+        return cls.for_calls(denoiser_calls(scheduler, steps), getattr(scheduler, "order", 1), strength, detail_steps,
+                             mask_floor)
+
+    @classmethod
+    def for_calls(cls, calls: int, order: int, strength: float, detail_steps: int, mask_floor: float):
+        """The same for a request whose pipeline makes `calls` denoiser calls (img2img, a
+        refiner's part: fewer than its steps), i.e. ceil(calls / order) steps."""
+        steps = -(-calls // order)
+        guided = order * (steps - detail_steps)
         return cls(calls, strength, max(0, calls - guided), mask_floor)
 
     def weight(self, call: int) -> float:
