@@ -179,7 +179,7 @@ def build_request(
             not isinstance(cross_attention_kwargs, dict) or not all(isinstance(k, str) for k in cross_attention_kwargs)):
         raise ConfigError("cross_attention_kwargs must be a dict with string keys, e.g. {'scale': 0.5}")
     addons["image"], addons["mask_image"] = fit_to_size(info, addons["image"], addons["mask_image"], height, width)
-    check_pipeline_options(info, strategy, workflow_of(addons["image"] is not None, addons["mask_image"] is not None),
+    check_pipeline_options(info, workflow_of(addons["image"] is not None, addons["mask_image"] is not None),
                            bool(addons["controlnets"]), {
                                "guidance_rescale": addons["guidance_rescale"] > 0,
                                "cross_attention_kwargs": cross_attention_kwargs is not None,

@@ -63,7 +63,7 @@ def pipeline_class_name(base: str, kind: str, controlnet: bool) -> str | None:
     return None if family is None else f"{family}{'ControlNet' if controlnet else ''}{_KINDS[kind]}Pipeline"
 
 
-def check_pipeline_options(info, strategy, kind: str, controlnet: bool, options: dict) -> None:
+def check_pipeline_options(info, kind: str, controlnet: bool, options: dict) -> None:
     """Refuse options the chosen pipeline would silently swallow (its **kwargs) or reject on
     the ranks. `options`: name -> whether the request sets it."""
     wanted = [name for name, used in options.items() if used]
@@ -71,12 +71,6 @@ def check_pipeline_options(info, strategy, kind: str, controlnet: bool, options:
     def shown(names):
         return ", ".join("callback (previews)" if n == "callback_on_step_end" else n for n in names)
 
-    if strategy.runner == "tiles":
-        # guidance_rescale takes the std over the whole noise prediction, of which a tile rank
-        # holds its own region only
-        tiled = [n for n in wanted if n == "guidance_rescale"]
-        if tiled:
-            raise ConfigError(f"asg does not take {shown(tiled)} yet")
     name = pipeline_class_name(info.pipeline, kind, controlnet)
     if name is None or not wanted:
         return

@@ -297,6 +297,18 @@ def test_asg_previews_over_ranks_show_the_whole_latent(pool):
                (s["bytes_by_kind"] for s in p["per_step"]))  # assembled by the ranks at the preview steps
 
 
+def test_asg_rescales_guidance_over_the_whole_latent(pool, asg_reference):
+    """guidance_rescale's deviations span the whole prediction: over ranks they come from
+    every rank's own region (one all-reduce per step), equal to the single-process run."""
+    config = ParallelConfig(asg_staleness=0, **ASG)
+    ref = pool.serial_engine("tiny-sd").generate(PROMPT, parallel=config, guidance_rescale=0.7, **PAR)
+    assert rel_l2(ref.latents.numpy(), asg_reference.latents.numpy()) > 1e-3  # the rescale acts
+    result = pool.parallel_engine("tiny-sd", 3).generate(PROMPT, parallel=config, guidance_rescale=0.7, **PAR)
+    err = rel_l2(result.latents.numpy(), ref.latents.numpy())
+    assert err <= 1e-5, f"parallel asg with guidance_rescale differs from the reference: rel L2 {err:.2e}"
+    assert all("rescale" in p["per_step"][0]["bytes_by_kind"] for p in result.report["per_rank"])
+
+
 def test_asg_makes_several_images_per_prompt(pool, asg_reference):
     """Two images of one prompt ride in one batch: each gets its own structure mask, and the
     parallel run (staleness 0) equals the single-process reference."""

@@ -55,7 +55,6 @@ def _req(model="tiny-sd", strategy="patch", **kw):
     (dict(controlnet_conditioning_scale=0.5), "controlnet_conditioning_scale needs a controlnet"),
     (dict(model="tiny-sdxl", image=np.zeros((1, 4, 8, 8), np.float32), height=128), "differ from the latents' size"),
     (dict(ip_adapter_loaded=True), "an IP-Adapter is loaded: pass ip_adapter_image"),
-    (dict(strategy="asg", guidance_rescale=0.5), "asg does not take guidance_rescale"),
     (dict(preview_every=1, preview="video"), "preview must be one of latents, image"),
 ])
 def test_bad_workflow_input_is_refused(kwargs, message):

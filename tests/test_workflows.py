@@ -261,3 +261,27 @@ def test_every_workflow_runs_stale_and_close_to_serial(engine, pictures, tmp_pat
     finally:
         engine.unload_ip_adapter()
         engine.unload_lora("style")
+
+
+def test_request_options_are_exact(engine, tmp_path):
+    """The pipeline options a request carries, each exact in patch-sync: several images per
+    prompt (rows split, and CFG halves on the two ranks), guidance_rescale, a LoRA's scale
+    through cross_attention_kwargs, and scheduler options (Karras sigmas)."""
+    kwargs = dict(height=64, width=64)
+    plain = exact(engine, **kwargs)
+    two = exact(engine, num_images_per_prompt=2, **kwargs)
+    assert two.latents.shape[0] == 2 and len(two.images) == 2
+    np.testing.assert_allclose(two.latents[:1].numpy(), plain.latents.numpy(), rtol=0, atol=1e-5)  # the first is the same
+    exact(engine, num_images_per_prompt=2, parallel=ParallelConfig(strategy="patch-sync", cfg_split=True), **kwargs)
+    rescaled = exact(engine, guidance_rescale=0.7, **kwargs)
+    assert rel_l2(rescaled.latents.numpy(), plain.latents.numpy()) > 1e-3
+    karras = exact(engine, scheduler="DPMSolverMultistepScheduler", scheduler_options={"use_karras_sigmas": True},
+                   **kwargs)
+    assert rel_l2(karras.latents.numpy(), plain.latents.numpy()) > 1e-3
+    engine.load_lora("style", _random_lora(str(tmp_path)))
+    try:
+        full = exact(engine, **kwargs)
+        half = exact(engine, cross_attention_kwargs={"scale": 0.5}, **kwargs)
+        assert rel_l2(half.latents.numpy(), full.latents.numpy()) > 1e-4  # the scale acts
+    finally:
+        engine.unload_lora("style")

@@ -7,6 +7,7 @@ of a torchrun job) and in each worker process of the local launcher.
 from __future__ import annotations
 
 import resource
+from contextlib import nullcontext
 import time
 from dataclasses import dataclass, replace
 
@@ -18,6 +19,7 @@ from comms.groups import store_barrier
 from comms import wire_check
 from comms.collectives import all_gather_object, check_same_weights
 from parallel.asg import GuidanceSchedule, asg_plan, structure_guided
+from parallel.asg.rescale import rescaled_over_ranks
 from engine.runtime.decode import decode_latents, decode_latents_parallel
 from engine import host_sync
 from engine.faults import FAULT_ENV, injected_delay, injected_fault_step
@@ -419,7 +421,8 @@ class RankRuntime:
         parallel = self.topo.distributed and not reference
         # img2img, inpainting and a refiner's or base's part run some of the steps only: the
         # guidance schedule (and the default detail steps) cover the denoiser calls that run
-        calls = denoiser_calls_run(pipeline_for(self.pipe, request, self._controlnet, self.addons.pipelines), request)
+        variant = pipeline_for(self.pipe, request, self._controlnet, self.addons.pipelines)
+        calls = denoiser_calls_run(variant, request)
         order = getattr(self.pipe.scheduler, "order", 1)
         grid, detail = asg_plan(self.info, replace(cfg, world_size=self.topo.world_size if parallel else 1),
                                 request.height, request.width, -(-calls // order))
@@ -432,8 +435,12 @@ class RankRuntime:
                               topo=self.topo if parallel else None, stats=self.stats,
                               staleness=cfg.asg_staleness, controlnet=self._controlnet) as asg:
             self.whole_latents = asg.whole if parallel else None
+            rescale = nullcontext()
+            if parallel and request.guidance_rescale:  # its deviations span the whole latent
+                rescale = rescaled_over_ranks(variant, asg.owned(self.topo.device), self.stats)
             try:
-                latents = asg.finish(self._denoise(request))
+                with rescale:
+                    latents = asg.finish(self._denoise(request))
             finally:
                 self.whole_latents = None
         mine = {}

@@ -257,5 +257,8 @@ class ParallelStructureGuidedTiles(StructureGuidedTiles):
         of every rank (a preview's, at the same step on each)."""
         if latents.ndim != 4:
             raise RuntimeError(f"asg expects spatial latents (B, C, H, W), got {tuple(latents.shape)}")
-        owned = None if self.is_branch else self.plan.owned(self.plan.index).to(latents.device)
-        return assemble_latents(latents, owned, self.stats)
+        return assemble_latents(latents, self.owned(latents.device), self.stats)
+
+    def owned(self, device) -> torch.Tensor | None:
+        """(H, W) bool: the latent positions whose final value this rank gives (None: the branch)."""
+        return None if self.is_branch else self.plan.owned(self.plan.index).to(device)
