@@ -151,9 +151,8 @@ class BranchChannel:
 def assemble_latents(latents: torch.Tensor, owned: torch.Tensor | None, stats) -> torch.Tensor:
     """Every rank's (B, C, H, W) latent valid where it `owned` (None: nowhere, the branch);
     returns the whole latent on every rank."""
-    mine = torch.zeros_like(latents)
-    if owned is not None:
-        mine[..., owned] = latents[..., owned]
+    # torch.where, not a boolean index: indexing by a mask would sync a GPU (nonzero)
+    mine = torch.zeros_like(latents) if owned is None else torch.where(owned, latents, latents.new_zeros(()))
     size = nbytes(mine)
     stats.record_op(size, size, kind="assemble")
     with stats.waiting(mine.device):

@@ -142,6 +142,25 @@ def store_barrier(topo: "Topology", name: str) -> None:
         wait_in_store(lambda: store.add(key, 0) >= topo.world_size)
 
 
+def differing_in_store(topo: "Topology", name: str, fields: dict[str, str]) -> list[str]:
+    """Publish this rank's `fields` (name -> digest) in the store, meet every rank, and return
+    the names on which any rank differs: every rank gets the same answer. Each rank keeps at
+    most two keys there (the one before this is deleted once every rank is past reading it)."""
+    import json
+
+    if not topo.distributed:
+        return []
+    store = default_store()
+    topo.agreements += 1
+    key = f"tessera/agree/{name}/{{n}}/{{rank}}"
+    store.set(key.format(n=topo.agreements, rank=topo.rank), json.dumps(fields))
+    store_barrier(topo, f"agree-{name}")  # every rank has published; the last round's keys are all read
+    if topo.agreements > 1:
+        store.delete_key(key.format(n=topo.agreements - 1, rank=topo.rank))
+    every = [json.loads(store.get(key.format(n=topo.agreements, rank=r))) for r in range(topo.world_size)]
+    return sorted({f for f in set().union(*every) if len({json.dumps(e.get(f)) for e in every}) > 1})
+
+
 def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
@@ -165,6 +184,7 @@ class Topology:
     _side: object = None
     _output: object = None
     barriers: int = 0  # store barriers passed (each uses a fresh key)
+    agreements: int = 0  # rounds of differing_in_store passed
 
     def side_group(self):
         """A second group over every rank, for traffic that must not queue behind the main

@@ -68,6 +68,28 @@ class GenerateRequest:
         return workflow_of(self.image is not None, self.mask_image is not None)
 
 
+# What a rank may set alone under torchrun: what it shows or compares, not what it computes
+# with the others (previews matter to every rank under asg only: see request_digests).
+RANK_LOCAL_FIELDS = ("progress", "compare_serial", "preview")
+
+
+def request_digests(request: GenerateRequest) -> dict[str, str]:
+    """Field name -> a digest of its value, for the fields every rank's request must share."""
+    import dataclasses
+    import hashlib
+    import pickle
+
+    from parallel.registry import strategy_of
+
+    tiles = strategy_of(request.parallel).runner == "tiles"
+    out = {}
+    for field in dataclasses.fields(request):
+        if field.name in RANK_LOCAL_FIELDS or (field.name == "preview_every" and not tiles):
+            continue
+        out[field.name] = hashlib.sha1(pickle.dumps(getattr(request, field.name))).hexdigest()[:16]
+    return out
+
+
 def _prompts(value, what: str) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [value]

@@ -24,6 +24,8 @@ class InProcess:
         try:
             topo = groups.init_distributed(rank, world, local_rank, device, parallel.comm_timeout_s)
             self.runtime = make_runtime(model, topo, dtype, setup)
+            # torchrun: every rank makes its own request (launched ranks all get the caller's one)
+            self.runtime.requests_per_rank = world > 1
         except BaseException as exc:
             self._report(exc)
             raise

@@ -235,6 +235,58 @@ def test_asg_upscales_a_picture_with_img2img_and_inpainting(pool, asg_reference)
         assert err <= 1e-5, f"parallel asg with {sorted(extra)} differs from the reference: rel L2 {err:.2e}"
 
 
+def test_a_deferred_controlnet_call_sees_the_tile_window_and_the_view():
+    """What a ControlNet receives under asg: a tile's latent window with the same window of
+    the conditioning image at pixel scale; the branch's view with the image resized (area
+    preserving) to the view's pixels; the latents' channels only (inpainting UNets take more)."""
+    import inspect
+
+    import torch.nn.functional as F
+
+    from parallel.asg.control import DeferredControl
+
+    seen = {}
+
+    def forward(sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale=1.0, guess_mode=False,
+                return_dict=True):
+        seen.update(sample=sample, cond=controlnet_cond, scale=conditioning_scale)
+        return ["down"], "mid"
+
+    latents, cond = torch.randn(2, 4, 12, 16), torch.randn(2, 3, 96, 128)
+    call = DeferredControl(forward, inspect.signature(forward).bind(latents, 7, None, controlnet_cond=cond,
+                                                                      conditioning_scale=0.5, return_dict=False))
+    unet_input = torch.cat([latents, torch.randn(2, 5, 12, 16)], dim=1)  # a 9-channel inpainting UNet's
+    ys, xs = slice(4, 12), slice(8, 16)
+    out = call.on_window(unet_input[..., ys, xs], ys, xs)
+    assert out == {"down_block_additional_residuals": ["down"], "mid_block_additional_residual": "mid"}
+    assert torch.equal(seen["sample"], latents[..., ys, xs]) and seen["scale"] == 0.5
+    assert torch.equal(seen["cond"], cond[..., 32:96, 64:128])
+    view = F.interpolate(unet_input, size=(6, 8), mode="nearest")
+    call.on_view(view)
+    assert torch.equal(seen["sample"], view[:, :4])
+    want = F.interpolate(cond, size=(48, 64), mode="bilinear", antialias=True, align_corners=False)
+    assert torch.allclose(seen["cond"], want)
+    with pytest.raises(NotImplementedError, match="guess_mode"):
+        DeferredControl(forward, inspect.signature(forward).bind(latents, 7, None, cond, guess_mode=True))
+
+
+def test_asg_gives_the_denoiser_its_own_forward_back():
+    """The compiled forward (parallel.patch.compiled) an asg request replaced for its run is
+    back afterwards: later requests asking to compile still run it."""
+    from comms import CommStats, Topology
+    from engine.models import load_pipeline
+    from parallel.asg import GuidanceSchedule, TileGrid, structure_guided
+    from parallel.patch.compiled import install_compiled
+    from parallel.patch.context import PatchContext
+
+    pipe = load_pipeline("tiny-sd", torch.device("cpu"))
+    compiled = install_compiled(pipe.unet, PatchContext(Topology(0, 1, 0, torch.device("cpu")), CommStats()))
+    with structure_guided(pipe, pipe.unet, TileGrid.cover(32, 32, 32, 32, 0), GuidanceSchedule(2, 1.0, 1, 0.5),
+                          [PROMPT], cfg=False):
+        assert pipe.unet.__dict__["forward"] is not compiled
+    assert pipe.unet.__dict__["forward"] is compiled
+
+
 def test_asg_runs_a_controlnet_per_tile(pool, asg_reference):
     """The ControlNet runs on each tile's window (latent and conditioning image) and on the
     branch's view; parallel (staleness 0) equals the single-process reference, for one
@@ -289,7 +341,7 @@ def test_asg_previews_over_ranks_show_the_whole_latent(pool):
         results[name] = engine.generate(PROMPT, parallel=config, callback_steps=2,
                                         callback=lambda step, preview, name=name: seen[name].append((step, preview)),
                                         **PAR)
-    assert [step for step, _ in seen["parallel"]] == [1, 3, 5]
+    assert [step for step, _ in seen["parallel"]] == [step for step, _ in seen["serial"]] == [1, 3, 5]
     for (_, want), (_, got) in zip(seen["serial"], seen["parallel"]):
         assert rel_l2(got, want) <= 1e-5
     np.testing.assert_allclose(seen["parallel"][-1][1], results["parallel"].latents.numpy(), rtol=0, atol=1e-6)

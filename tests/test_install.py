@@ -82,3 +82,23 @@ def test_the_guard_refuses_dora_convs_in_training_mode():
     pipe.unet.train()
     with pytest.raises(ConfigError, match=r"resnets\.0\.conv1: a DoRA adapter with dropout in training mode"):
         ctx.check_installed()
+
+
+def test_every_loaded_model_runs_in_eval_mode():
+    """Presets are built, not loaded, and nn.Modules start in training mode, where dropout
+    (a LoRA's, peft adds its layers in training mode too) would act differently per rank."""
+    from peft import LoraConfig
+
+    from engine.models.controlnets import load_controlnet
+    from engine.models.loading import inference_mode
+    from engine.models.video import load_video_model
+
+    pipe = load_pipeline("tiny-sd", torch.device("cpu"))
+    assert not any(m.training for c in pipe.components.values() if isinstance(c, torch.nn.Module) for m in c.modules())
+    assert not any(m.training for m in load_controlnet("tiny-controlnet", torch.device("cpu"), None).modules())
+    video = load_video_model("tiny-causal-video")
+    assert not any(m.training for part in (video.transformer, video.vae, video.text_encoder) for m in part.modules())
+    pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, lora_dropout=0.1, target_modules=["to_q"]))
+    assert any(m.training for m in pipe.unet.modules())  # what peft adds
+    inference_mode(pipe)  # what the engine does after loading adapters
+    assert not any(m.training for m in pipe.unet.modules())

@@ -88,3 +88,34 @@ def test_preset_saved_as_directory_loads_back_by_path(tmp_path, pool):
     loaded = Engine.from_pretrained(path).generate("a red circle", **kw)
     preset = pool.serial_engine("tiny-sd").generate("a red circle", **kw)
     assert np.array_equal(np.asarray(loaded.image), np.asarray(preset.image))
+
+
+DIFFERING_REQUESTS = """
+import os
+from engine import ConfigError, Engine, ParallelConfig
+
+if __name__ == "__main__":
+    rank = int(os.environ["RANK"])
+    engine = Engine.from_pretrained("tiny-sd", parallel=ParallelConfig(strategy="asg"))
+    previews = dict(callback=lambda step, preview: None, callback_steps=1) if rank == 0 else {}
+    try:  # rank 0 asks for previews, which asg assembles on every rank: rank 1 does not
+        engine.generate("a red circle", height=384, width=384, num_inference_steps=2, progress=False, **previews)
+    except ConfigError as exc:
+        print(f"rank {rank}: ConfigError: {exc}", flush=True)
+"""
+
+
+def test_torchrun_ranks_whose_requests_differ_are_refused_not_hung(tmp_path):
+    """Under torchrun each rank makes its own request: every rank compares them through the
+    store first and refuses a difference by field, instead of pairing collectives wrongly."""
+    script = tmp_path / "differ.py"
+    script.write_text(DIFFERING_REQUESTS)
+    cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", str(script)]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+    output = proc.stdout + proc.stderr
+    assert "the ranks' requests differ in preview_every" in output, output[-3000:]
+    assert "a no-op callback on the others will do" in output
+    assert time.monotonic() - start < 120

@@ -267,8 +267,16 @@ def test_bad_single_file_requests_fail_before_any_rank_starts(checkpoint, tmp_pa
     _, config, path = checkpoint("tiny-sd")
     lora = str(tmp_path / "lora.safetensors")
     save_file({"lora_unet_down_blocks_0.lora_down.weight": torch.zeros(2, 2)}, lora)
+    _, sdxl_config, sdxl_path = checkpoint("tiny-sdxl-wide")
+    not_torch = tmp_path / "notes.ckpt"
+    not_torch.write_text("not a checkpoint")
     cases = [
         (dict(model=str(tmp_path / "missing.safetensors"), config=config), "no such checkpoint file"),
+        (dict(model=path, config=sdxl_config), "is a StableDiffusionXLPipeline, but its text encoders are a "
+                                               "StableDiffusionPipeline's"),
+        (dict(model=sdxl_path, config=config), "is a StableDiffusionPipeline, but its text encoders are a "
+                                               "StableDiffusionXLPipeline's"),
+        (dict(model=str(not_torch), config=config), "not a readable checkpoint"),
         (dict(model=lora, config=config), r"not an SD 1\.x / SDXL single-file checkpoint \(a LoRA\?"),
         (dict(model=path), "a single-file checkpoint needs config=.*diffusers would fetch stable-diffusion-v1-5"),
         (dict(model=path, config=str(tmp_path)), "not a diffusers directory"),
@@ -278,3 +286,41 @@ def test_bad_single_file_requests_fail_before_any_rank_starts(checkpoint, tmp_pa
     for kwargs, message in cases:
         with pytest.raises(ConfigError, match=message):
             Engine.from_pretrained(**kwargs)
+
+
+def test_a_ckpt_file_loads_like_the_safetensors_one(checkpoint, tmp_path):
+    """The original training code's format: a zip-format torch file with the weights under
+    "state_dict"; checked on the caller without loading its weights, converted alike."""
+    from engine.models.single_file import SingleFile, check_single_file, load_single_file
+    from safetensors.torch import load_file
+
+    full, config, path = checkpoint("tiny-sd")
+    ckpt = str(tmp_path / "tiny-sd.ckpt")
+    torch.save({"state_dict": load_file(path)}, ckpt)
+    spec = check_single_file(SingleFile(ckpt, config))
+    from_ckpt = load_single_file(spec, torch.float32)
+    from_safetensors = load_single_file(SingleFile(path, config), torch.float32)
+    for name in ("unet", "vae", "text_encoder"):
+        assert mismatches(getattr(from_safetensors, name), getattr(from_ckpt, name)) == []
+    lora = str(tmp_path / "lora.ckpt")
+    torch.save({"lora_unet_down.weight": torch.zeros(2)}, lora)
+    from engine import ConfigError
+
+    with pytest.raises(ConfigError, match="not an SD 1.x / SDXL single-file checkpoint"):
+        check_single_file(SingleFile(lora, config))
+
+
+def test_the_cli_takes_a_single_file_and_its_config(checkpoint, tmp_path):
+    import subprocess
+    import sys
+
+    _, config, path = checkpoint("tiny-sd")
+    out = tmp_path / "out.png"
+    tessera = os.path.join(os.path.dirname(sys.executable), "tessera")
+    proc = subprocess.run([tessera, "generate", "--model", path, "--config", config, "--height", "64", "--width", "64",
+                           "--steps", "2", "--no-progress", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert out.exists()
+    bad = subprocess.run([tessera, "generate", "--model", "tiny-sd", "--config", config], capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 2 and "config= names the configs of a single-file checkpoint" in bad.stderr

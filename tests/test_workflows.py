@@ -132,6 +132,22 @@ def test_dora_conv_adapter_is_exact(engine, tmp_path):
         engine.unload_lora("dora")
 
 
+def test_a_guess_mode_controlnet_is_refused_before_the_work(engine, pictures, tmp_path):
+    """diffusers runs a ControlNet with global_pool_conditions on the conditional half only,
+    which the row split does not take apart: refused by name on every rank."""
+    from engine.models.controlnets import load_controlnet
+
+    _, control, _ = pictures
+    net = load_controlnet("tiny-controlnet", torch.device("cpu"), None)
+    net.register_to_config(global_pool_conditions=True)
+    net.save_pretrained(str(tmp_path / "pooled"))
+    with pytest.raises(Exception, match="global_pool_conditions"):
+        engine.generate("a red circle", height=64, width=64, num_inference_steps=2, progress=False, parallel=SYNC,
+                        controlnet=str(tmp_path / "pooled"), control_image=control)
+    engine.release_controlnets()
+    exact(engine, height=64, width=64)  # the ranks stay
+
+
 def test_dit_img2img_is_exact(pool, pictures):
     """The transformer pipelines' img2img (SD3 here) through the same token-band layers."""
     image, _, _ = pictures

@@ -20,6 +20,8 @@ SUFFIXES = (".safetensors", ".ckpt")
 # Pipelines whose single-file loading is tested here (tests/test_single_file.py).
 SINGLE_FILE_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 UNET_PREFIX = "model.diffusion_model."  # every SD 1.x / SDXL checkpoint's denoiser
+# The text encoders' prefixes tell the families apart (the UNets' keys look alike).
+FAMILY_PREFIXES = {"StableDiffusionPipeline": "cond_stage_model.", "StableDiffusionXLPipeline": "conditioner.embedders."}
 MAX_HEADER_BYTES = 100 * 2**20  # a safetensors header beyond this is a corrupt length
 
 
@@ -44,8 +46,8 @@ def model_spec(model, config: str | None = None):
         if config is not None:
             raise ConfigError("give config either in SingleFile(...) or as config=, not both")
         return model
-    if isinstance(model, str) and model.endswith(SUFFIXES):
-        return SingleFile(model, config)
+    if isinstance(model, (str, os.PathLike)) and os.fspath(model).lower().endswith(SUFFIXES):
+        return SingleFile(os.fspath(model), None if config is None else os.fspath(config))
     if config is not None:
         raise ConfigError(f"config= names the configs of a single-file checkpoint ({' or '.join(SUFFIXES)}); "
                           f"{model!r} is not one")
@@ -81,13 +83,37 @@ def pipeline_class_of(config: str) -> str:
     return DiffusionPipeline.load_config(config)["_class_name"]  # a hub id: downloads the index
 
 
-def _hub_config_for(header: dict) -> str | None:
+def checkpoint_shapes(path: str) -> dict[str, list[int]] | None:
+    """Tensor name -> shape of a checkpoint, read without its weights (a safetensors header,
+    or a zip-format .ckpt memory-mapped); None for a legacy .ckpt only loading can read."""
+    if path.lower().endswith(".safetensors"):
+        return {k: v["shape"] for k, v in safetensors_header(path).items() if k != "__metadata__"}
+    import torch
+
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic[:1] == b"\x80":  # a pickle: torch's pre-zip format, which cannot be memory-mapped
+        return None  # the ranks' loading will tell
+    if magic != b"PK\x03\x04":
+        raise ConfigError(f"{path}: not a readable checkpoint (neither safetensors nor a torch file)")
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as exc:  # unpickling refused (weights_only) or a damaged file
+        raise ConfigError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # how the original training code saved them
+    if not isinstance(state, dict):
+        raise ConfigError(f"{path}: not a checkpoint of named tensors")
+    return {k: list(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _hub_config_for(shapes: dict) -> str | None:
     """The hub repo whose configs diffusers would fetch for this checkpoint (None: unknown)."""
     import torch
     from diffusers.loaders.single_file_utils import DIFFUSERS_DEFAULT_PIPELINE_PATHS, infer_diffusers_model_type
 
     # diffusers infers the model type from key names and a few shapes: meta tensors suffice
-    meta = {k: torch.empty(v["shape"], device="meta") for k, v in header.items() if k != "__metadata__"}
+    meta = {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}
     try:
         return DIFFUSERS_DEFAULT_PIPELINE_PATHS[infer_diffusers_model_type(meta)]["pretrained_model_name_or_path"]
     except Exception:  # a heuristic over key names and shapes: a checkpoint it does not expect may break it
@@ -102,17 +128,17 @@ def check_single_file(spec: SingleFile) -> SingleFile:
     path = spec.path
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: no such checkpoint file")
-    header = safetensors_header(path) if path.endswith(".safetensors") else None
-    if header is not None and not any(key.startswith(UNET_PREFIX) for key in header):
+    shapes = checkpoint_shapes(path)
+    if shapes is not None and not any(key.startswith(UNET_PREFIX) for key in shapes):
         raise ConfigError(f"{path}: no {UNET_PREFIX}* weights, so not an SD 1.x / SDXL single-file checkpoint "
                           "(a LoRA? load it with engine.load_lora)")
     config = spec.config
     if config is None:
-        guess = _hub_config_for(header) if header is not None else None
+        guess = _hub_config_for(shapes) if shapes is not None else None
         where = f"diffusers would fetch {guess} from the hub" if guess else "its architecture is not recognised"
         if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False") or guess is None:
-            raise ConfigError(f"{path}: a single-file checkpoint needs config=, a local diffusers directory of the same "
-                              f"architecture (its configs and tokenizers; weights may be left out): {where}")
+            raise ConfigError(f"{path}: a single-file checkpoint needs config= (--config), a local diffusers directory "
+                              f"of the same architecture (its configs and tokenizers; weights may be left out): {where}")
         config = guess
     elif os.path.isdir(config):
         if not os.path.isfile(os.path.join(config, "model_index.json")):
@@ -120,10 +146,16 @@ def check_single_file(spec: SingleFile) -> SingleFile:
         check_pipeline_dir(config)
     else:
         check_hub_id(config, "config", "not a local diffusers directory")
-    cls = pipeline_class_of(config) if os.path.isdir(config) else None
-    if cls is not None and cls not in SINGLE_FILE_PIPELINES:
+    cls = pipeline_class_of(config)  # a hub config: its index is fetched (the hub may be used here)
+    if cls not in SINGLE_FILE_PIPELINES:
         raise ConfigError(f"config {config} is a {cls}; single-file checkpoints load as "
                           f"{' or '.join(SINGLE_FILE_PIPELINES)} here (convert others with diffusers and pass the directory)")
+    prefix = FAMILY_PREFIXES[cls]
+    if shapes is not None and not any(key.startswith(prefix) for key in shapes):
+        others = [name for name, p in FAMILY_PREFIXES.items() if any(key.startswith(p) for key in shapes)]
+        looks = f"its text encoders are a {others[0]}'s" if others else "it has no text encoders"
+        raise ConfigError(f"{path}: config {config} is a {cls}, but {looks} (no {prefix}* weights); give the config "
+                          "of the checkpoint's own architecture")
     return SingleFile(path, config)
 
 
@@ -143,7 +175,11 @@ def _check_all_loaded(pipe, path: str) -> None:
     (meta) placeholder, and an SDXL file whose two text encoders are equally wide fills the
     second with the first's weights, leaving its projection empty. Refuse both by name."""
     import torch
+    from diffusers.utils import is_accelerate_available
 
+    if not is_accelerate_available():  # without it diffusers fills what is missing with random weights
+        raise ConfigError("single-file checkpoints need accelerate (pip install accelerate): without it a weight "
+                          "the file lacks would silently be random")
     for name, component in pipe.components.items():
         if not isinstance(component, torch.nn.Module):
             continue

@@ -9,13 +9,14 @@ from __future__ import annotations
 import resource
 from contextlib import nullcontext
 import time
+import warnings
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from comms import CommStats, Topology
-from comms.groups import store_barrier
+from comms.groups import differing_in_store, store_barrier
 from comms import wire_check
 from comms.collectives import all_gather_object, check_same_weights
 from parallel.asg import GuidanceSchedule, asg_plan, structure_guided
@@ -26,7 +27,7 @@ from engine.faults import FAULT_ENV, injected_delay, injected_fault_step
 from engine.metrics import compare
 from engine.latents import spatial_latents
 from engine.models import denoiser_of, info_from_pipeline, load_pipeline, pipeline_call_kwargs, resolve_scheduler
-from engine.requests import GenerateRequest
+from engine.requests import GenerateRequest, request_digests
 from engine.runtime.addons import AddOns
 from engine.workflows import call_kwargs, denoiser_calls_run, pipeline_for
 from parallel.patch.compiled import install_compiled
@@ -106,11 +107,11 @@ def _injected_fault(rank: int, prompt: str):
 
 
 def _preview(runtime, request):
-    """The pipeline callback that hands rank 0's previews to `runtime.preview_sink` (None when
-    the request asks for none, or on other ranks). A preview is what the caller asked for,
-    so its device-to-host copy is the one sync it costs. Under asg over ranks a tile rank
-    holds its own region only: every rank joins in assembling the preview's latent
-    (`runtime.whole_latents`)."""
+    """The pipeline callback that hands rank 0's previews to `runtime.preview_sink`. Under asg
+    over ranks a tile rank holds its own region only, so every rank gets a callback that joins
+    in assembling the preview's latent (`runtime.whole_latents`); otherwise rank 0 alone has
+    one. None when the request asks for no previews. A preview is what the caller asked for,
+    so its device-to-host copy is the one sync it costs."""
     sink = None if runtime.topo.rank != 0 else runtime.preview_sink
     whole = runtime.whole_latents
     if not request.preview_every or (sink is None and whole is None):
@@ -129,6 +130,16 @@ def _preview(runtime, request):
         return kwargs
 
     return callback
+
+
+def _check_no_guess_mode(controlnet) -> None:
+    """diffusers runs a ControlNet with global_pool_conditions in guess mode: on the
+    conditional half only, with zero residuals for the other, which neither the row split nor
+    asg's tiles take apart. Refused before the request's work, on every rank alike."""
+    for net in getattr(controlnet, "nets", [controlnet]):
+        if getattr(net.config, "global_pool_conditions", False):
+            raise ConfigError("this ControlNet has global_pool_conditions (diffusers runs it in guess mode, on the "
+                              "conditional half only): run it with strategy 'none'")
 
 
 def make_runtime(model, topo: Topology, dtype: torch.dtype | None = None, setup=None):
@@ -175,6 +186,7 @@ class RankRuntime:
         self.addons = AddOns(self.pipe, topo, self.stats, self.ctx, dtype)
         self._controlnet = None  # the request's ControlNet(s), set per request
         self.whole_latents = None  # during an asg request over ranks: assembles a preview's latent
+        self.requests_per_rank = False  # torchrun: each rank built its request (checked to agree)
         self._progress = dict(disable=True)  # the pipeline's progress bar, set per request
         self.preview_sink = None  # rank 0: sink(step, preview) delivers previews to the caller
 
@@ -243,6 +255,16 @@ class RankRuntime:
         host_sync.arm(False)  # the steps are over
         return out.images
 
+    def _check_same_request(self, request: GenerateRequest) -> None:
+        """Under torchrun every rank builds its own request; one that differs would pair
+        collectives wrongly or hang, so it is refused on every rank, naming the fields."""
+        differ = differing_in_store(self.topo, "request", request_digests(request))
+        if differ:
+            hint = (" (asg assembles each preview on every rank: pass callback and callback_steps on every rank; "
+                    "a no-op callback on the others will do)" if "preview_every" in differ else "")
+            raise ConfigError(f"under torchrun every rank must make the same request; the ranks' requests differ in "
+                              f"{', '.join(differ)}{hint}")
+
     @torch.no_grad()
     def run(self, request: GenerateRequest) -> RankOutput:
         rank, device = self.topo.rank, self.topo.device
@@ -251,6 +273,8 @@ class RankRuntime:
         # Under torchrun a peer may still be busy with the last request (rank 0 comparing
         # against serial): meet in the store, which never times out, before any collective.
         store_barrier(self.topo, "request")
+        if self.requests_per_rank:
+            self._check_same_request(request)
         scheduler = self._set_scheduler(request.scheduler, request.seed, request.scheduler_options)
         self._progress = dict(disable=not (request.progress and rank == 0), leave=False)
         if request.release_controlnets:
@@ -258,6 +282,8 @@ class RankRuntime:
             self.addons.release_controlnets()
         self.addons.apply_adapters(request)
         self._controlnet = self.addons.controlnet_for(request.controlnets)
+        if self._controlnet is not None and strategy_of(cfg).runner != "serial":
+            _check_no_guess_mode(self._controlnet)
         self.stats.reset(trace=cfg.trace_comms)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -424,8 +450,12 @@ class RankRuntime:
         variant = pipeline_for(self.pipe, request, self._controlnet, self.addons.pipelines)
         calls = denoiser_calls_run(variant, request)
         order = getattr(self.pipe.scheduler, "order", 1)
-        grid, detail = asg_plan(self.info, replace(cfg, world_size=self.topo.world_size if parallel else 1),
-                                request.height, request.width, -(-calls // order))
+        steps = -(-calls // order)
+        # asg_detail_steps (checked against the request's steps) are the last steps of those
+        # that run: more than run means none is guided
+        detail_asked = cfg.asg_detail_steps if cfg.asg_detail_steps is None else min(cfg.asg_detail_steps, steps)
+        grid, detail = asg_plan(self.info, replace(cfg, world_size=self.topo.world_size if parallel else 1,
+                                                   asg_detail_steps=detail_asked), request.height, request.width, steps)
         guided = request.guidance_scale > 1.0 and self.info.does_cfg
         self.ctx.enabled = False  # the denoiser runs whole tiles: no patch layers
         schedule = GuidanceSchedule.for_calls(calls, order, cfg.asg_strength, detail, cfg.asg_mask_floor)
@@ -437,12 +467,15 @@ class RankRuntime:
             self.whole_latents = asg.whole if parallel else None
             rescale = nullcontext()
             if parallel and request.guidance_rescale:  # its deviations span the whole latent
-                rescale = rescaled_over_ranks(variant, asg.owned(self.topo.device), self.stats)
+                rescale = rescaled_over_ranks(variant, asg.owned(), self.stats)
             try:
                 with rescale:
                     latents = asg.finish(self._denoise(request))
             finally:
                 self.whole_latents = None
+        if asg.step != schedule.calls and self.topo.rank == 0:
+            warnings.warn(f"asg planned its guidance over {schedule.calls} denoiser calls but the pipeline made "
+                          f"{asg.step}: the schedule's cosine and detail steps were cut or stretched")
         mine = {}
         if parallel:
             waits = asg.guidance_wait_s

@@ -74,6 +74,21 @@ def without_control(kwargs: dict) -> dict:
 
 
 @contextmanager
+def instance_forward(module, forward):
+    """`module.forward` is `forward` while active; then whatever the instance had before
+    comes back (e.g. the CompiledForward of parallel.patch.compiled), or the class's."""
+    before = module.__dict__.get("forward")
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if before is None:
+            del module.forward
+        else:
+            module.forward = before
+
+
+@contextmanager
 def controlnet_deferred(controlnet):
     """While active, calling `controlnet` returns (DeferredControl, None) instead of residuals;
     the pipeline hands both to the denoiser, whose asg wrapper runs the call per tile."""
@@ -86,8 +101,5 @@ def controlnet_deferred(controlnet):
     def defer(*args, **kwargs):
         return DeferredControl(original, signature.bind(*args, **kwargs)), None
 
-    controlnet.forward = defer
-    try:
+    with instance_forward(controlnet, defer):
         yield
-    finally:
-        del controlnet.forward  # back to the class's forward

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from comms.asg_channel import BranchChannel, StripExchange, assemble_latents
-from parallel.asg.control import controlnet_deferred, deferred, without_control
+from parallel.asg.control import controlnet_deferred, deferred, instance_forward, without_control
 from parallel.asg.guidance import (AttentionMassRecorder, GuidanceSchedule, RecordingOrOriginal, prompt_token_spans,
                                    structure_mask, text_attention_layers)
 from parallel.asg.tiles import TileGrid, TilePlan
@@ -145,13 +145,12 @@ def structure_guided(pipe, denoiser, grid: TileGrid, schedule: GuidanceSchedule,
     saved = dict(denoiser.attn_processors)
     denoiser.set_attn_processor({name: RecordingOrOriginal(proc, wrapper.recorder, layers[name]) if name in layers else proc
                                  for name, proc in saved.items()})
-    denoiser.forward = wrapper
-    try:
-        with controlnet_deferred(controlnet):
-            yield wrapper
-    finally:
-        del denoiser.forward  # back to the class's forward
-        denoiser.set_attn_processor(saved)
+    with instance_forward(denoiser, wrapper):
+        try:
+            with controlnet_deferred(controlnet):
+                yield wrapper
+        finally:
+            denoiser.set_attn_processor(saved)
 
 
 class ParallelStructureGuidedTiles(StructureGuidedTiles):
@@ -178,6 +177,8 @@ class ParallelStructureGuidedTiles(StructureGuidedTiles):
         self.plan = TilePlan.build(self.grid, tile_ranks, min(rank, tile_ranks - 1))
         self.my_tiles = [] if self.is_branch else self.grid.assign(tile_ranks)[rank]
         device = self.denoiser.device
+        # where this rank's latent counts, on the device once (a boolean index of it would sync)
+        self._owned = None if self.is_branch else self.plan.owned(self.plan.index).to(device)
         self.strips = None if self.is_branch else StripExchange(**self.plan.strip_indices(device), stats=stats,
                                                                  group=strips_group)
         self.channel = BranchChannel(**self.plan.branch_indices(device), stats=stats, group=branch_group)
@@ -257,8 +258,9 @@ class ParallelStructureGuidedTiles(StructureGuidedTiles):
         of every rank (a preview's, at the same step on each)."""
         if latents.ndim != 4:
             raise RuntimeError(f"asg expects spatial latents (B, C, H, W), got {tuple(latents.shape)}")
-        return assemble_latents(latents, self.owned(latents.device), self.stats)
+        return assemble_latents(latents, self._owned, self.stats)
 
-    def owned(self, device) -> torch.Tensor | None:
-        """(H, W) bool: the latent positions whose final value this rank gives (None: the branch)."""
-        return None if self.is_branch else self.plan.owned(self.plan.index).to(device)
+    def owned(self) -> torch.Tensor | None:
+        """(H, W) bool on the device: the latent positions whose final value this rank gives
+        (None: the branch)."""
+        return self._owned

@@ -19,9 +19,12 @@ from comms import wire
 
 
 def _moments(x: torch.Tensor, owned: torch.Tensor | None) -> torch.Tensor:
-    """(2, B) float64: the sum and the sum of squares of each image's owned positions."""
-    flat = x.double()[..., owned].flatten(1) if owned is not None else x.double().new_zeros(x.shape[0], 0)
-    return torch.stack([flat.sum(1), (flat * flat).sum(1)])
+    """(2, B) float64: the sum and the sum of squares of each image's owned positions (a
+    multiplied mask, not a boolean index, which would sync a GPU)."""
+    if owned is None:
+        return x.new_zeros(2, x.shape[0], dtype=torch.float64)
+    mine = x.double() * owned.to(torch.float64)
+    return torch.stack([mine.flatten(1).sum(1), (mine * mine).flatten(1).sum(1)])
 
 
 def _std(moments: torch.Tensor, count: int) -> torch.Tensor:
@@ -42,7 +45,8 @@ def whole_rescale(owned: torch.Tensor | None, stats):
             wire.all_reduce(packed)
         count = noise_cfg[0].numel()
         shape = (-1,) + (1,) * (noise_cfg.ndim - 1)
-        ratio = (_std(packed[:2], count) / _std(packed[2:], count)).view(shape).to(noise_cfg.dtype)
+        # the deviations in the prediction's dtype, as diffusers divides them
+        ratio = (_std(packed[:2], count).to(noise_cfg.dtype) / _std(packed[2:], count).to(noise_cfg.dtype)).view(shape)
         return guidance_rescale * noise_cfg * ratio + (1 - guidance_rescale) * noise_cfg
 
     return rescale_noise_cfg
