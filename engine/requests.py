@@ -165,7 +165,7 @@ def build_request(
                           f"{info.name} is an image model")
     world = parallel.world_size or 1
     prompts = _prompts(prompt, "prompt")
-    addons = check_workflow(info, strategy, image, mask_image, strength, controlnet, control_image,
+    addons = check_workflow(info, image, mask_image, strength, controlnet, control_image,
                             controlnet_conditioning_scale, guidance_rescale, adapters, loaded_adapters,
                             denoising_start, denoising_end)
     if addons["image"] is not None:  # the pipelines resize it to the request's size; by default its own

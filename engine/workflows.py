@@ -126,7 +126,7 @@ def _check_handoff(info, image, denoising_start, denoising_end) -> dict:
             "denoising_end": None if denoising_end is None else float(denoising_end)}
 
 
-def check_workflow(info, strategy, image, mask_image, strength, controlnets, control_image, scales,
+def check_workflow(info, image, mask_image, strength, controlnets, control_image, scales,
                    guidance_rescale, adapters, loaded_adapters, denoising_start=None, denoising_end=None) -> dict:
     """The request's add-on fields, validated and converted (images to uint8 arrays)."""
     out = {"image": None, "mask_image": None, "strength": None, "controlnets": (), "control_images": (),
