@@ -287,26 +287,23 @@ def test_asg_gives_the_denoiser_its_own_forward_back():
     assert pipe.unet.__dict__["forward"] is compiled
 
 
-def test_asg_runs_a_controlnet_per_tile(pool, asg_reference):
-    """The ControlNet runs on each tile's window (latent and conditioning image) and on the
-    branch's view; parallel (staleness 0) equals the single-process reference, for one
-    ControlNet on text2img and two on img2img."""
+def test_asg_runs_controlnets_per_tile(pool, asg_reference):
+    """Two ControlNets (diffusers' MultiControlNetModel) run on each tile's window (latent and
+    conditioning image) and on the branch's view; parallel (staleness 0) equals the
+    single-process reference."""
     import numpy as np
 
     control = np.zeros((384, 384, 3), np.uint8)
     control[96:288, 48:336] = 255  # a white box across several tiles
     picture = (np.random.default_rng(3).random((384, 384, 3)) * 255).astype(np.uint8)
     config = ParallelConfig(asg_staleness=0, **ASG)
-    runs = (dict(controlnet="tiny-controlnet", control_image=control),
-            dict(image=picture, strength=0.7, controlnet=["tiny-controlnet", "tiny-controlnet"],
-                 control_image=[control, picture], controlnet_conditioning_scale=[0.6, 0.4]))
-    for extra in runs:
-        ref = pool.serial_engine("tiny-sd").generate(PROMPT, parallel=config, **PAR, **extra)
-        if "image" not in extra:
-            assert rel_l2(ref.latents.numpy(), asg_reference.latents.numpy()) > 1e-3  # the ControlNet acts
-        result = pool.parallel_engine("tiny-sd", 3).generate(PROMPT, parallel=config, **PAR, **extra)
-        err = rel_l2(result.latents.numpy(), ref.latents.numpy())
-        assert err <= 1e-5, f"parallel asg with {sorted(extra)} differs from the reference: rel L2 {err:.2e}"
+    extra = dict(controlnet=["tiny-controlnet", "tiny-controlnet"], control_image=[control, picture],
+                 controlnet_conditioning_scale=[0.6, 0.4])
+    ref = pool.serial_engine("tiny-sd").generate(PROMPT, parallel=config, **PAR, **extra)
+    assert rel_l2(ref.latents.numpy(), asg_reference.latents.numpy()) > 1e-3  # the ControlNets act
+    result = pool.parallel_engine("tiny-sd", 3).generate(PROMPT, parallel=config, **PAR, **extra)
+    err = rel_l2(result.latents.numpy(), ref.latents.numpy())
+    assert err <= 1e-5, f"parallel asg with two ControlNets differs from the reference: rel L2 {err:.2e}"
 
 
 def test_asg_hands_over_from_an_sdxl_base_to_its_refiner(pool):
@@ -316,106 +313,75 @@ def test_asg_hands_over_from_an_sdxl_base_to_its_refiner(pool):
     config = ParallelConfig(asg_staleness=0, **ASG)
     common = dict(num_inference_steps=6, guidance_scale=5.0, seed=4, progress=False, parallel=config)
     serial, parallel = pool.serial_engine("tiny-sdxl"), pool.parallel_engine("tiny-sdxl", 3)
-    base = serial.generate(PROMPT, height=512, width=512, denoising_end=0.5, **common)
+    base = serial.generate(PROMPT, height=384, width=384, denoising_end=0.5, **common)
     # tiny-sdxl's Euler ("leading" spacing) lays out 831, 665, 499, 333, 167, 1: the cut at 500
     # leaves the base 2 calls and the refiner the other 4
     assert base.report["asg"]["denoiser_calls"] == base.report["asg"]["scheduled_calls"] == 2
     refined = serial.generate(PROMPT, image=base.latents, denoising_start=0.5, **common)
     assert refined.report["asg"]["denoiser_calls"] == refined.report["asg"]["scheduled_calls"] == 4
-    for ref, kwargs in ((base, dict(height=512, width=512, denoising_end=0.5)),
+    for ref, kwargs in ((base, dict(height=384, width=384, denoising_end=0.5)),
                         (refined, dict(image=base.latents, denoising_start=0.5))):
         result = parallel.generate(PROMPT, **kwargs, **common)
         err = rel_l2(result.latents.numpy(), ref.latents.numpy())
         assert err <= 1e-5, f"parallel asg with {sorted(kwargs)} differs from the reference: rel L2 {err:.2e}"
 
 
-def test_asg_previews_over_ranks_show_the_whole_latent(pool):
-    """A tile rank holds its own region only: every rank joins in assembling a preview, so
-    the caller sees the whole latent, the same as the single-process run's."""
+def test_asg_previews_guidance_rescale_and_two_images_per_prompt(pool, asg_reference):
+    """One request with three things a tile rank cannot do alone, as it holds its own region
+    of the latent only: previews (every rank joins in assembling the latent at a preview
+    step), guidance_rescale (its deviations span the whole prediction: four sums per image
+    all-reduced per step) and two images per prompt (each with its own structure mask).
+    Parallel (staleness 0) equals the single-process run, previews included."""
     import numpy as np
 
     config = ParallelConfig(asg_staleness=0, **ASG)
     seen = {"serial": [], "parallel": []}
     results = {}
     for name, engine in (("serial", pool.serial_engine("tiny-sd")), ("parallel", pool.parallel_engine("tiny-sd", 3))):
-        results[name] = engine.generate(PROMPT, parallel=config, callback_steps=2,
+        results[name] = engine.generate(PROMPT, parallel=config, num_images_per_prompt=2, guidance_rescale=0.7,
                                         callback=lambda step, preview, name=name: seen[name].append((step, preview)),
-                                        **PAR)
+                                        callback_steps=2, **PAR)
+    ref, result = results["serial"], results["parallel"]
+    assert ref.latents.shape[0] == 2 and len(ref.images) == 2
+    assert rel_l2(ref.latents[0].numpy(), ref.latents[1].numpy()) > 1e-2  # two different images
+    # the first image is the one-image request's but for the rescale
+    assert rel_l2(ref.latents[:1].numpy(), asg_reference.latents.numpy()) > 1e-3
+    err = rel_l2(result.latents.numpy(), ref.latents.numpy())
+    assert err <= 1e-5, f"parallel asg differs from the reference: rel L2 {err:.2e}"
     assert [step for step, _ in seen["parallel"]] == [step for step, _ in seen["serial"]] == [1, 3, 5]
     for (_, want), (_, got) in zip(seen["serial"], seen["parallel"]):
         assert rel_l2(got, want) <= 1e-5
-    np.testing.assert_allclose(seen["parallel"][-1][1], results["parallel"].latents.numpy(), rtol=0, atol=1e-6)
-    assert any(k.get("assemble") for p in results["parallel"].report["per_rank"] for k in
-               (s["bytes_by_kind"] for s in p["per_step"]))  # assembled by the ranks at the preview steps
+    np.testing.assert_allclose(seen["parallel"][-1][1], result.latents.numpy(), rtol=0, atol=1e-6)
+    kinds = [s["bytes_by_kind"] for p in result.report["per_rank"] for s in p["per_step"]]
+    assert any("assemble" in k for k in kinds) and all("rescale" in k for k in kinds)
 
 
-def test_asg_rescales_guidance_over_the_whole_latent(pool, asg_reference):
-    """guidance_rescale's deviations span the whole prediction: over ranks they come from
-    every rank's own region (one all-reduce per step), equal to the single-process run."""
-    config = ParallelConfig(asg_staleness=0, **ASG)
-    ref = pool.serial_engine("tiny-sd").generate(PROMPT, parallel=config, guidance_rescale=0.7, **PAR)
-    assert rel_l2(ref.latents.numpy(), asg_reference.latents.numpy()) > 1e-3  # the rescale acts
-    result = pool.parallel_engine("tiny-sd", 3).generate(PROMPT, parallel=config, guidance_rescale=0.7, **PAR)
-    err = rel_l2(result.latents.numpy(), ref.latents.numpy())
-    assert err <= 1e-5, f"parallel asg with guidance_rescale differs from the reference: rel L2 {err:.2e}"
-    assert all("rescale" in p["per_step"][0]["bytes_by_kind"] for p in result.report["per_rank"])
+def test_asg_with_a_lora_and_an_ip_adapter(pool, asg_reference, tmp_path):
+    """A loaded (conv + attention) LoRA at a scale (cross_attention_kwargs) and an image
+    prompt act in every tile and in the branch, whose layout mask is measured on the text
+    tokens; parallel (staleness 0) equals the single-process reference."""
+    import numpy as np
 
-
-def test_asg_makes_several_images_per_prompt(pool, asg_reference):
-    """Two images of one prompt ride in one batch: each gets its own structure mask, and the
-    parallel run (staleness 0) equals the single-process reference."""
-    config = ParallelConfig(asg_staleness=0, **ASG)
-    ref = pool.serial_engine("tiny-sd").generate(PROMPT, parallel=config, num_images_per_prompt=2, **PAR)
-    assert ref.latents.shape[0] == 2 and len(ref.images) == 2
-    assert rel_l2(ref.latents[0].numpy(), ref.latents[1].numpy()) > 1e-2  # two different images
-    result = pool.parallel_engine("tiny-sd", 3).generate(PROMPT, parallel=config, num_images_per_prompt=2, **PAR)
-    err = rel_l2(result.latents.numpy(), ref.latents.numpy())
-    assert err <= 1e-5, f"parallel asg with two images per prompt differs from the reference: rel L2 {err:.2e}"
-
-
-def test_asg_with_a_lora(pool, asg_reference, tmp_path):
-    """A loaded (conv + attention) LoRA acts in every tile and in the branch. Parallel
-    (staleness 0) equals the single-process reference."""
     from tests.test_workflows import _random_lora
 
+    picture = (np.random.default_rng(3).random((64, 64, 3)) * 255).astype(np.uint8)
     config = ParallelConfig(asg_staleness=0, **ASG)
     serial, parallel = pool.serial_engine("tiny-sd"), pool.parallel_engine("tiny-sd", 3)
     lora = _random_lora(str(tmp_path))
     for engine in (serial, parallel):
         engine.load_lora("style", lora)
-    try:
-        ref = serial.generate(PROMPT, parallel=config, **PAR)
-        assert rel_l2(ref.latents.numpy(), asg_reference.latents.numpy()) > 1e-3  # the LoRA acts
-        result = parallel.generate(PROMPT, parallel=config, **PAR)
-        err = rel_l2(result.latents.numpy(), ref.latents.numpy())
-        assert err <= 1e-5, f"parallel asg with a LoRA differs from the reference: rel L2 {err:.2e}"
-        # the LoRA scale reaches every tile's and the branch's call: scale 0 is no LoRA
-        off = parallel.generate(PROMPT, parallel=config, cross_attention_kwargs={"scale": 0.0}, **PAR)
-        assert rel_l2(off.latents.numpy(), asg_reference.latents.numpy()) <= 1e-5
-    finally:
-        for engine in (serial, parallel):
-            engine.unload_lora("style")
-
-
-def test_asg_with_an_ip_adapter(pool, asg_reference):
-    """The image prompt reaches every tile and the branch (whose layout mask is measured on
-    the text tokens); parallel (staleness 0) equals the single-process reference."""
-    import numpy as np
-
-    picture = (np.random.default_rng(3).random((64, 64, 3)) * 255).astype(np.uint8)
-    config = ParallelConfig(asg_staleness=0, **ASG)
-    serial, parallel = pool.serial_engine("tiny-sd"), pool.parallel_engine("tiny-sd", 3)
-    for engine in (serial, parallel):
         engine.load_ip_adapter("tiny-ip-adapter", scale=0.8)
+    kwargs = dict(parallel=config, ip_adapter_image=picture, cross_attention_kwargs={"scale": 0.5}, **PAR)
     try:
-        ref = serial.generate(PROMPT, parallel=config, ip_adapter_image=picture, **PAR)
-        assert rel_l2(ref.latents.numpy(), asg_reference.latents.numpy()) > 1e-3  # the image prompt acts
-        result = parallel.generate(PROMPT, parallel=config, ip_adapter_image=picture, **PAR)
+        ref = serial.generate(PROMPT, **kwargs)
+        assert rel_l2(ref.latents.numpy(), asg_reference.latents.numpy()) > 1e-3  # the adapters act
+        result = parallel.generate(PROMPT, **kwargs)
         err = rel_l2(result.latents.numpy(), ref.latents.numpy())
-        assert err <= 1e-5, f"parallel asg with an IP-Adapter differs from the reference: rel L2 {err:.2e}"
+        assert err <= 1e-5, f"parallel asg with a LoRA and an IP-Adapter differs from the reference: rel L2 {err:.2e}"
     finally:
         for engine in (serial, parallel):
             engine.unload_ip_adapter()
+            engine.unload_lora("style")
 
 
 @pytest.mark.parametrize("model", ["tiny-pixart", "tiny-sd3"])

@@ -58,11 +58,10 @@ REQUESTS = {
         ("patch", dict(strategy="patch", warmup_steps=1, cfg_split=False)),
         ("pcpp", dict(strategy="pcpp", warmup_steps=1, cfg_split=False)),
         ("asg", dict(strategy="asg", asg_staleness=1)),
-        # previews assemble the latent on every rank mid-run, beside the branch's broadcasts
-        ("asg previews + ControlNet", dict(strategy="asg", asg_staleness=1),
-         dict(callback=lambda step, preview: None, callback_steps=2, controlnet="tiny-sdxl-controlnet",
-              control_image=np.full((384, 384, 3), 255, np.uint8))),
-        ("asg guidance_rescale", dict(strategy="asg", asg_staleness=1), dict(guidance_rescale=0.5))],
+        # previews assemble the latent on every rank mid-run and guidance_rescale all-reduces
+        # every step, beside the branch's broadcasts (a ControlNet pipeline takes no guidance_rescale)
+        ("asg previews + guidance_rescale", dict(strategy="asg", asg_staleness=1),
+         dict(callback=lambda step, preview: None, callback_steps=2, guidance_rescale=0.5))],
     4: [("patch cfg split", dict(strategy="patch", warmup_steps=1, cfg_split=True))],
 }
 
