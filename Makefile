@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_CPU := torch==2.13.0
 STAMP := $(VENV)/.tessera-installed
 
-.PHONY: demo test test-compile install clean gpu-check
+.PHONY: demo test test-compile test-cluster install clean gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The two-node Ray cluster test (a second `ray start` node on loopback; ~45 s), kept out of
+# `make test` so the suite stays under 12 minutes on 2 cores.
+test-cluster: $(STAMP)
+	$(PY) -m pytest -q tests/test_ray.py -m cluster
 
 # The compile tests with inductor instead of the suite's aot_eager (minutes cold on 2 cores).
 test-compile: $(STAMP)

@@ -135,6 +135,7 @@ def _ray_cli(*args, env):
     return subprocess.run([ray_bin, *args], env=env, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.cluster
 def test_two_node_cluster_on_loopback(ray_env, ray_engine, pool):
     ray_engine.close()  # its private cluster goes; this test's driver joins a started one
     port = 6391
