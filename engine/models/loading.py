@@ -8,7 +8,7 @@ import torch
 
 from engine.models.info import ModelInfo
 from engine.models.presets import PRESET_INFO, PRESETS, TRAINED_PRESETS
-from engine.models.single_file import SingleFile, load_single_file
+from engine.models.single_file import SingleFile, load_single_file, safetensors_header
 from parallel.config import ConfigError
 
 
@@ -26,13 +26,6 @@ def _check_json(path: str):
             return json.load(f)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{path}: not a readable JSON file ({type(exc).__name__}: {exc})") from None
-
-
-def _check_safetensors(path: str) -> None:
-    """The header of a safetensors file: an 8-byte length, then that much JSON."""
-    from engine.models.single_file import safetensors_header
-
-    safetensors_header(path)
 
 
 def check_pipeline_dir(path: str) -> None:
@@ -53,7 +46,7 @@ def check_pipeline_dir(path: str) -> None:
             if entry.endswith(".json"):
                 _check_json(file)
             elif entry.endswith(".safetensors"):
-                _check_safetensors(file)
+                safetensors_header(file)  # an 8-byte length, then that much JSON
 
 
 def _trained_dir(name: str) -> str:
